@@ -1,0 +1,78 @@
+"""Pictures for people: attention heat maps, the EOT map, concept overlays, loss curves. PIL and numpy only."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# A perceptually ordered dark-to-bright ramp (black, purple, red, orange, pale yellow), interpolated linearly.
+_RAMP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], dtype=np.float64)
+
+# Distinct colours for concept overlays (cycled).
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
+
+
+def colorize(values: torch.Tensor | np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """(h, w) values -> (h, w, 3) uint8 through the ramp, min-max scaled unless ``lo``/``hi`` are given."""
+    v = np.asarray(values.detach().cpu().float() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    lo = float(np.min(v)) if lo is None else lo
+    hi = float(np.max(v)) if hi is None else hi
+    t = np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
+    pos = t * (len(_RAMP) - 1)
+    i = np.minimum(pos.astype(int), len(_RAMP) - 2)
+    frac = (pos - i)[..., None]
+    return np.round(_RAMP[i] * (1 - frac) + _RAMP[i + 1] * frac).astype(np.uint8)
+
+
+def heatmap(values, size: tuple[int, int], image: Image.Image | None = None, alpha: float = 0.6) -> Image.Image:
+    """Heat map of (h, w) ``values`` at ``size`` (w, h), nearest-upsampled so grid cells stay visible,
+    optionally blended over ``image``."""
+    picture = Image.fromarray(colorize(values)).resize(size, Image.NEAREST)
+    if image is not None:
+        picture = Image.blend(image.convert("RGB").resize(size), picture, alpha)
+    return picture
+
+
+def grid_of_pictures(tiles: list[Image.Image], labels: list[str], columns: int, tile: int = 192) -> Image.Image:
+    """Tiles in a grid with a caption under each."""
+    rows = (len(tiles) + columns - 1) // columns
+    caption = 16
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (picture, label) in enumerate(zip(tiles, labels)):
+        x, y = (k % columns) * tile, (k // columns) * (tile + caption)
+        fitted = picture.copy()
+        fitted.thumbnail((tile, tile))
+        sheet.paste(fitted, (x + (tile - fitted.width) // 2, y + (tile - fitted.height) // 2))
+        draw.text((x + 4, y + tile + 2), label, fill=(0, 0, 0))
+    return sheet
+
+
+def attention_rows_preview(maps, count: int = 8) -> Image.Image:
+    """The image and ``count`` self-attention rows (query positions on a regular lattice, marked with a dot)."""
+    image = Image.fromarray(maps.image.numpy())
+    h, w = maps.grid
+    side = max(1, int(round(count ** 0.5)))
+    ys = np.linspace(0, h - 1, side + 2)[1:-1].round().astype(int)
+    xs = np.linspace(0, w - 1, (count + side - 1) // side + 2)[1:-1].round().astype(int)
+    tiles, labels = [image], ["image"]
+    for y in ys:
+        for x in xs:
+            tile = heatmap(maps.row_map(int(y * w + x)), image.size, image)
+            cx, cy = (x + 0.5) * image.width / w, (y + 0.5) * image.height / h
+            r = max(3, image.width // 64)
+            ImageDraw.Draw(tile).ellipse([cx - r, cy - r, cx + r, cy + r], fill=(0, 255, 255), outline=(0, 0, 0))
+            tiles.append(tile)
+            labels.append(f"row ({y},{x})")
+    return grid_of_pictures(tiles, labels, columns=min(len(tiles), 5))
+
+
+def eot_preview(maps) -> Image.Image:
+    """The image, the end-of-text attention map, and the map over the image."""
+    image = Image.fromarray(maps.image.numpy())
+    eot = maps.eot
+    tiles = [image, heatmap(eot, image.size), heatmap(eot, image.size, image)]
+    grid = "x".join(str(s) for s in eot.shape)
+    return grid_of_pictures(tiles, ["image", f"EOT attention {grid}", "EOT over image"], columns=3)
