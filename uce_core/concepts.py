@@ -60,24 +60,65 @@ class Concepts:
         t, meta = load_tensors(path, expected_format=FORMAT)
         return cls(t["masks"].bool(), t["features"], t["scores"], tuple(meta["grid"]), t["image"], meta.get("info", {}))
 
-    def overlay(self, alpha: float = 0.55) -> Image.Image:
-        """The image with each concept's mask tinted in its own colour and numbered 1..N."""
-        from PIL import ImageDraw
+    def overlay(self, alpha: float = 0.45) -> Image.Image:
+        """The image with each concept tinted in its own colour, outlined, and numbered 1..N (the number sits at the
+        cell of the mask farthest from its border, so it lands inside rings and crescents too)."""
+        from PIL import ImageDraw, ImageFont
 
         from .previews import PALETTE
 
         image = self.image.numpy().astype(np.float64)
         height, width = image.shape[:2]
         masks = self.masks_at((height, width)).numpy() > 0.5
+        line = max(1, round(min(height, width) / 200))
         for i, mask in enumerate(masks):
             colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float64)
             image[mask] = (1 - alpha) * image[mask] + alpha * colour
+            inner = mask
+            for _ in range(line):
+                inner = _erode(inner)
+            image[mask & ~inner] = colour
         picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(picture)
-        for i, mask in enumerate(masks):
-            ys, xs = np.nonzero(mask)
-            if len(ys):
-                cy, cx = int(ys.mean()), int(xs.mean())
-                draw.rectangle([cx - 7, cy - 8, cx + 9, cy + 8], fill=(255, 255, 255))
-                draw.text((cx - 4, cy - 6), str(i + 1), fill=(0, 0, 0))
+        size = max(12, min(height, width) // 24)
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+            font = ImageFont.load_default()
+        (h, w) = self.grid
+        for i, mask in enumerate(self.masks.numpy()):
+            if not mask.any():
+                continue
+            y, x = _deepest_cell(mask)
+            cx, cy = (x + 0.5) * width / w, (y + 0.5) * height / h
+            text = str(i + 1)
+            left, top, right, bottom = draw.textbbox((cx, cy), text, font=font, anchor="mm")
+            colour = PALETTE[i % len(PALETTE)]
+            draw.rectangle([left - 3, top - 2, right + 3, bottom + 2], fill=colour, outline=(255, 255, 255))
+            dark = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140
+            draw.text((cx, cy), text, fill=(0, 0, 0) if dark else (255, 255, 255), font=font, anchor="mm")
         return picture
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Cells of ``mask`` whose four neighbours are all in it (outside the array counts as outside the mask)."""
+    out = mask.copy()
+    out[1:] &= mask[:-1]
+    out[:-1] &= mask[1:]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    out[0] = out[-1] = False
+    out[:, 0] = out[:, -1] = False
+    return out
+
+
+def _deepest_cell(mask: np.ndarray) -> tuple[int, int]:
+    """The cell of a non-empty mask that survives the most erosions (nearest the mask's mean on ties)."""
+    depth = np.zeros(mask.shape, dtype=np.int64)
+    layer = mask
+    while layer.any():
+        depth += layer
+        layer = _erode(layer)
+    ys, xs = np.nonzero(depth == depth.max())
+    k = np.argmin((ys - np.nonzero(mask)[0].mean()) ** 2 + (xs - np.nonzero(mask)[1].mean()) ** 2)
+    return int(ys[k]), int(xs[k])
