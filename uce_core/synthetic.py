@@ -8,7 +8,8 @@ softmax over cells q of
 
     beta * <g_p, g_q> - |x_p - x_q|^2 / (2 sigma^2) + logit noise,
 
-i.e. attention to cells that look alike, preferring nearby ones, as diffusion self-attention does. The end-of-text
+i.e. attention to cells that look alike, preferring nearby ones, as diffusion self-attention does, mixed with a little
+uniform attention. The end-of-text
 map is high on objects (each with its own saliency) and low on the background, noisy, and average-pooled to a 4x
 coarser grid like the reference's 16x16 map. The ground truth is one mask per object. Everything comes from
 one seed.
@@ -36,6 +37,8 @@ class SceneSpec:
     eot_noise: float = 0.05
     beta: float = 3.0
     sigma: float = 0.35  # spatial scale of attention, as a fraction of the grid side
+    uniform: float = 0.01  # share of uniform attention in every row, the broad floor that the low-resolution layers
+    # put under aggregated SD attention; it keeps every entry far above the kernels' floor of 2^-24
 
 
 @dataclass
@@ -77,7 +80,8 @@ def make_scene(spec: SceneSpec, seed: int) -> Scene:
     logits += spec.logit_noise * rng.normal(size=logits.shape)
     logits -= logits.max(axis=1, keepdims=True)
     attention = np.exp(logits)
-    attention /= attention.sum(axis=1, keepdims=True)
+    attention *= (1 - spec.uniform) / attention.sum(axis=1, keepdims=True)
+    attention += spec.uniform / (h * w)
 
     background = segment < spec.background_regions
     eot = np.empty((h, w))
