@@ -148,8 +148,11 @@ def test_resume_continues_the_same_trajectory(concepts_for, tmp_path):
 def test_checkpoint_of_another_run_is_not_resumed(concepts_for, tmp_path):
     backend, concepts = concepts_for("tiny-sd1", 2)
     path = tmp_path / "run.ckpt.safetensors"
+    done = []
     with pytest.raises(TrainingCancelled):
-        train_concept_tokens(backend, concepts, TrainSettings(**FAST), checkpoint=path, should_stop=lambda: True)
+        train_concept_tokens(backend, concepts, TrainSettings(**FAST), checkpoint=path,
+                             progress=lambda *a: done.append(1), should_stop=lambda: len(done) >= 2)
+    assert path.is_file()
     other = train_concept_tokens(backend, concepts, TrainSettings(**{**FAST, "seed": 5}), checkpoint=path)
     fresh = train_concept_tokens(backend, concepts, TrainSettings(**{**FAST, "seed": 5}))
     assert torch.equal(other.vectors[0], fresh.vectors[0])
@@ -175,10 +178,32 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     assert meta["step"] == 3  # the probe call plus one UNet call per step: steps 1-3 were good
 
 
-def test_cancel_before_the_first_step(concepts_for):
+def test_cancel_before_the_first_step_writes_nothing(concepts_for, tmp_path):
     backend, concepts = concepts_for("tiny-sd1", 1)
     with pytest.raises(TrainingCancelled, match="before step 1"):
-        train_concept_tokens(backend, concepts, TrainSettings(**FAST), should_stop=lambda: True)
+        train_concept_tokens(backend, concepts, TrainSettings(**FAST), should_stop=lambda: True,
+                             checkpoint=tmp_path / "ckpt.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exception_from_the_progress_callback_leaves_a_resumable_checkpoint(concepts_for, tmp_path):
+    """ComfyUI's Cancel arrives as an exception raised by its progress hook, after a step."""
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    settings = TrainSettings(**FAST)
+    path = tmp_path / "ckpt.safetensors"
+
+    class HostInterrupt(Exception):
+        pass
+
+    def progress(step, total, losses):
+        if step == 4:
+            raise HostInterrupt
+
+    with pytest.raises(HostInterrupt):
+        train_concept_tokens(backend, concepts, settings, checkpoint=path, progress=progress)
+    resumed = train_concept_tokens(backend, concepts, settings, checkpoint=path)
+    straight = train_concept_tokens(backend, concepts, settings)
+    assert torch.equal(resumed.vectors[0], straight.vectors[0])
 
 
 @pytest.mark.parametrize("bad,message", [

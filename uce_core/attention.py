@@ -226,10 +226,11 @@ def capture_attention(backend, image, *, timestep: int = 0, prompt: str = "", re
     seeded by ``noise_seed`` (the reference never does this). ``grid`` defaults to the latent grid.
     """
     from .backends.base import Prompt
-    from .images import fit_to_model, load_image, to_tensor
+    from .images import crop_box, fit_to_model, load_image, to_tensor
 
     info = backend.info
-    picture = fit_to_model(load_image(image), resolution or info.resolution, 8 * info.vae_scale_factor, resize)
+    source = load_image(image)
+    picture = fit_to_model(source, resolution or info.resolution, 8 * info.vae_scale_factor, resize)
     pixels = to_tensor(picture).to(backend.device)
     with torch.no_grad():
         latents = backend.encode_image(pixels)
@@ -250,7 +251,9 @@ def capture_attention(backend, image, *, timestep: int = 0, prompt: str = "", re
         "timestep": timestep, "prompt": prompt, "resize": resize, "latent_grid": list(latent_hw),
         "self_layers": [list(g) for g in recorder.self_layers], "eot_grid": list(eot_grid),
         "eot_layers": recorder.eot_counts[eot_grid], "eot_position": cond.eot_positions[0],
-        "image_size": [picture.width, picture.height],
+        "image_size": [picture.width, picture.height], "source_size": [source.width, source.height],
+        "source_crop": list(crop_box(source.width, source.height, picture.size)) if resize == "keep"
+        else [0.0, 0.0, float(source.width), float(source.height)],
     }
     image_tensor = torch.from_numpy(np.asarray(picture, dtype=np.uint8).copy())
     return AttentionMaps(self_attention, eot.cpu(), target, image_tensor, meta)

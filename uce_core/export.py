@@ -53,6 +53,32 @@ def embedding_tensors(tokens: ConceptTokens, index: int) -> dict[str, torch.Tens
     return {"emb_params": vectors[0]}
 
 
+def export_names(names: list[str], prefix: str | None = None) -> list[str]:
+    """The file names an export uses: ``<prefix>_1..N`` with a prefix, else the sanitised ``names``."""
+    out = ([f"{sanitize_name(prefix, 'prefix')}_{i + 1}" for i in range(len(names))] if prefix
+           else [sanitize_name(n) for n in names])
+    if len({n.lower() for n in out}) != len(out):
+        raise ConceptExpressError(f"concept names must differ from each other: {out}")
+    return out
+
+
+def check_export_target(folder: Path, names: list[str], overwrite: bool) -> tuple[list[Path], list[Path]]:
+    """The embedding and mask paths of an export; raises (writing nothing) if any file of the export exists and
+    ``overwrite`` is off. Callers can run it before a long training run."""
+    folder = Path(folder)
+    embeddings = [folder / f"{n}.safetensors" for n in names]
+    masks = [folder / f"{n}_mask.png" for n in names]
+    others = [folder / RECORD, folder / "concepts.png", folder / "loss.png", folder / MANIFEST]
+    if not overwrite:
+        existing = [p for p in [*embeddings, *masks, *others] if p.exists()]
+        if existing:
+            raise ConceptExpressError(
+                f"{len(existing)} file(s) already exist, e.g. {existing[0]}; nothing was written. "
+                "Choose another folder or prefix, or allow overwriting."
+            )
+    return embeddings, masks
+
+
 @dataclass
 class ExportResult:
     folder: Path
@@ -73,20 +99,8 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
     from .previews import loss_curve
 
     folder = Path(folder)
-    names = ([f"{sanitize_name(prefix, 'prefix')}_{i + 1}" for i in range(len(tokens))] if prefix
-             else [sanitize_name(n) for n in tokens.names])
-    if len({n.lower() for n in names}) != len(names):
-        raise ConceptExpressError(f"concept names must differ from each other: {names}")
-    embeddings = [folder / f"{n}.safetensors" for n in names]
-    masks = [folder / f"{n}_mask.png" for n in names]
-    others = [folder / RECORD, folder / "concepts.png", folder / "loss.png", folder / MANIFEST]
-    if not overwrite:
-        existing = [p for p in [*embeddings, *masks, *others] if p.exists()]
-        if existing:
-            raise ConceptExpressError(
-                f"{len(existing)} file(s) already exist, e.g. {existing[0]}; nothing was written. "
-                "Choose another folder or prefix, or allow overwriting."
-            )
+    names = export_names(tokens.names, prefix)
+    embeddings, masks = check_export_target(folder, names, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     header = {"family": tokens.family, "encoders": ",".join(tokens.encoder_keys)}
     for i, path in enumerate(embeddings):

@@ -336,12 +336,10 @@ class _Run:
         self._optimizer_step()
         return self._summary(denoise_sum / p, attention_sum / p, con)
 
-    def reference_step(self, items, draws, should_stop) -> dict[str, float]:
+    def reference_step(self, items, draws) -> dict[str, float]:
         s = self.s
         denoise_sum = attention_sum = con_sum = 0.0
         for k, item in enumerate(items):
-            if should_stop is not None and should_stop():
-                raise TrainingCancelled(f"training cancelled during step {self.step + 1}")
             denoise, attention = self.forward([item], draws, slice(k, k + 1))
             loss = denoise.sum() + s.attention_weight * attention.sum()
             if self._with_contrastive():
@@ -362,12 +360,7 @@ class _Run:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(self.s.trajectory_key().encode())
-        h.update(self.concepts.masks.numpy().tobytes())
-        h.update(self.concepts.features.numpy().tobytes())
-        h.update(json.dumps([self.backend.info.family, self.backend.info.widths]).encode())
-        return h.hexdigest()
+        return run_fingerprint(self.backend.info, self.concepts, self.s)
 
     def save_checkpoint(self, path: Path) -> None:
         from .fileio import save_tensors
@@ -405,6 +398,16 @@ class _Run:
         return True
 
 
+def run_fingerprint(info, concepts: Concepts, settings: TrainSettings) -> str:
+    """What identifies a training run: its trajectory settings, its concepts and the model family it runs on."""
+    h = hashlib.sha256()
+    h.update(settings.trajectory_key().encode())
+    h.update(concepts.masks.cpu().numpy().tobytes())
+    h.update(concepts.features.float().cpu().numpy().tobytes())
+    h.update(json.dumps([info.family, list(info.widths), info.prediction_type]).encode())
+    return h.hexdigest()
+
+
 ProgressCallback = Callable[[int, int, dict], None]
 
 
@@ -414,9 +417,10 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                          checkpoint: str | os.PathLike | None = None, resume: bool = True) -> ConceptTokens:
     """Learn one token per concept. See the module docstring.
 
-    ``progress(step, total, losses)`` is called after every step; ``should_stop()`` is polled before every step
-    (and every prompt in the reference order) and raises ``TrainingCancelled``. With ``checkpoint`` a file path, a
-    matching checkpoint there is resumed (when ``resume``) and progress is saved every ``checkpoint_every`` steps.
+    ``progress(step, total, losses)`` is called after every step; ``should_stop()`` is polled before every step and
+    raises ``TrainingCancelled``. With ``checkpoint`` a file path, a matching checkpoint there is resumed (when
+    ``resume``) and progress is saved every ``checkpoint_every`` steps and whenever the run is stopped between
+    steps (cancelled, or an exception raised by ``progress``).
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -430,11 +434,13 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
     if path is not None and resume and path.is_file() and run.load_checkpoint(path):
         if progress is not None:
             progress(run.step, settings.steps, {"resumed": run.step})
+    at_step_boundary = True  # the state is a consistent "after step run.step" state that a checkpoint can hold
     try:
         with torch.enable_grad():
             while run.step < settings.steps:
                 if should_stop is not None and should_stop():
                     raise TrainingCancelled(f"training cancelled before step {run.step + 1} of {settings.steps}")
+                at_step_boundary = False
                 if not run.merged and run.step >= settings.merge_step:
                     run.merge()
                 items = run.items()
@@ -443,7 +449,7 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                     if settings.update == "batched":
                         losses = run.batched_step(items, draws)
                     else:
-                        losses = run.reference_step(items, draws, should_stop)
+                        losses = run.reference_step(items, draws)
                 except FloatingPointError:
                     raise ConceptExpressError(
                         f"training diverged at step {run.step + 1}: the loss is not a finite number. "
@@ -453,13 +459,14 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                 for key in run.history:
                     run.history[key].append(losses[key])
                 run.step += 1
-                if progress is not None:
-                    progress(run.step, settings.steps, losses)
+                at_step_boundary = True
                 if path is not None and settings.checkpoint_every and run.step % settings.checkpoint_every == 0:
                     run.save_checkpoint(path)
-    except TrainingCancelled:
-        if path is not None:
-            run.save_checkpoint(path)
+                if progress is not None:
+                    progress(run.step, settings.steps, losses)  # may raise the host's interrupt (ComfyUI's Cancel)
+    except BaseException:
+        if path is not None and at_step_boundary and run.step > 0:
+            run.save_checkpoint(path)  # cancelled or interrupted between steps: resumable
         raise
     finally:
         if settings.gradient_checkpointing and hasattr(backend, "unet"):
@@ -467,6 +474,7 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
     if not run.merged:
         run.merge()
     meta = {"settings": asdict(settings), "steps": run.step, "seconds": round(time.perf_counter() - started, 2),
+            "fingerprint": run.fingerprint(),
             "model": asdict(backend.info), "localization": concepts.info, "cross_grid": list(run.cross_grid or [])}
     names = names or [f"concept_{i + 1}" for i in range(run.n)]
     if len(names) != run.n:
