@@ -5,12 +5,13 @@ store-every-layer-then-stack approach, in one run. A benchmark, not a test.
     python benchmarks/bench_capture.py --model random:sd2-base  # SD2.1-base architecture, random weights, 512 px
     python benchmarks/bench_capture.py --model path/to/model.safetensors --device cuda
 
-Each mode runs in a fresh process. "Extra memory" is the peak during the call minus the memory in use just before
-it (model weights, inputs): on CUDA from torch.cuda.max_memory_allocated, on CPU from the process's peak resident
+Each mode runs in a fresh process on the same prepared latents (the VAE encode is not timed). "Extra memory" is the
+peak during the call minus the memory in use just before it (model weights, inputs): on CUDA from torch.cuda.max_memory_allocated, on CPU from the process's peak resident
 set (VmHWM, reset through /proc/self/clear_refs before the call). Modes:
 
 * plain      — one UNet forward with the normal fused attention (what any denoising step costs);
-* capture    — ``capture_attention``: explicit probabilities, folded into one n x n float32 aggregate on the fly;
+* capture    — the capture pass of ``capture_attention``: explicit probabilities, folded into one n x n float32
+               aggregate on the fly, and the EOT map;
 * stacked    — the reference's approach: keep every self-attention layer's map, then upsample all of them into a
                stack of n x n maps and sum. Kept here as head means in float32, so it is a lower bound of what the
                reference holds (it keeps every head, ~0.9 GiB fp16, then a 16 x n x n stack).
@@ -76,11 +77,11 @@ class StackingRecorder:
     def __init__(self, target):
         self.target, self.layers = target, []
 
-    def wants(self, kind, grid):
-        return kind == "self"
+    def wants(self, layer):
+        return layer.kind == "self"
 
-    def record(self, kind, grid, probs):
-        self.layers.append((probs[0].clone(), grid))
+    def record(self, layer, probs):
+        self.layers.append((probs[0].clone(), layer.grid))
 
     def finish(self):
         import torch
@@ -112,7 +113,7 @@ def load(model: str, device, dtype):
 def worker(args) -> dict:
     import torch
 
-    from concept_express.uce_core.attention import capture_attention
+    from concept_express.uce_core.attention import CaptureRecorder
     from concept_express.uce_core.backends.base import Prompt
     from concept_express.uce_core.images import fit_to_model, load_image, to_tensor
 
@@ -130,7 +131,10 @@ def worker(args) -> dict:
             if args.mode == "plain":
                 backend.predict(latents, t, cond)
             elif args.mode == "capture":
-                capture_attention(backend, picture, resolution=args.resolution)
+                recorder = CaptureRecorder(tuple(latents.shape[-2:]), cond.eot_positions[0], device=device)
+                backend.predict(latents, t, cond, recorder)
+                recorder.self_attention()
+                recorder.eot_map(tuple(latents.shape[-2:]))
             else:
                 recorder = StackingRecorder(tuple(latents.shape[-2:]))
                 backend.predict(latents, t, cond, recorder)

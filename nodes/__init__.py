@@ -1,8 +1,28 @@
 """ComfyUI nodes (category "ConceptExpress").
 
 Thin adapters between ComfyUI types and ``uce_core``. Declaring the classes imports nothing from ComfyUI; their
-functions import it lazily when a ComfyUI server runs them.
+functions import it lazily when a ComfyUI server runs them. Node names, input names and defaults are the pack's
+public interface (docs/nodes.md): keep them stable.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .capture import CaptureAttention
+from .compose import ComposeConceptPrompt
+from .load import LoadConceptTokens
+from .localize import LocalizeConcepts
+from .train import TrainConceptTokens
+
+NODE_CLASS_MAPPINGS = {
+    "CaptureAttention": CaptureAttention,
+    "LocalizeConcepts": LocalizeConcepts,
+    "TrainConceptTokens": TrainConceptTokens,
+    "ComposeConceptPrompt": ComposeConceptPrompt,
+    "LoadConceptTokens": LoadConceptTokens,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CaptureAttention": "Capture Attention (ConceptExpress)",
+    "LocalizeConcepts": "Localize Concepts (ConceptExpress)",
+    "TrainConceptTokens": "Train Concept Tokens (ConceptExpress)",
+    "ComposeConceptPrompt": "Compose Concept Prompt (ConceptExpress)",
+    "LoadConceptTokens": "Load Concept Tokens (ConceptExpress)",
+}

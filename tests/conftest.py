@@ -40,3 +40,39 @@ def example_image():
     from concept_express.uce_core.cli import EXAMPLE_IMAGE
 
     return EXAMPLE_IMAGE
+
+
+def hand_made_concepts(maps, boxes):
+    """Concepts with rectangular masks (y0, y1, x0, x1 on the latent grid) and f_i computed as eq. 6 prescribes:
+    the mean self-attention row over the mask (independent of the localization code)."""
+    from concept_express.uce_core.concepts import Concepts
+
+    h, w = maps.grid
+    masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+    for m, (y0, y1, x0, x1) in zip(masks, boxes):
+        m[y0:y1, x0:x1] = True
+    features = torch.stack([maps.self_attention[m.flatten()].double().mean(0).float() for m in masks])
+    return Concepts(masks, features, torch.ones(len(boxes)), maps.grid, maps.image, {"source": "hand-made"})
+
+
+@functools.lru_cache(maxsize=None)
+def _maps(name):
+    from concept_express.uce_core.attention import capture_attention
+    from concept_express.uce_core.cli import EXAMPLE_IMAGE
+
+    return capture_attention(_tiny_backend(name), EXAMPLE_IMAGE)
+
+
+@pytest.fixture
+def concepts_for():
+    """concepts_for(model_name, count) -> (backend, Concepts) with `count` hand-made concepts on the example image."""
+    boxes = [(8, 14, 1, 6), (6, 14, 8, 12), (2, 14, 14, 22), (0, 4, 0, 8), (12, 16, 0, 24), (0, 3, 10, 24)]
+
+    def make(name="tiny-sd1", count=3):
+        maps = _maps(name)
+        chosen = [boxes[i % len(boxes)] for i in range(count)]
+        chosen = [(y0, y1, (x0 + 3 * (i // len(boxes))) % 20, (x0 + 3 * (i // len(boxes))) % 20 + 4) if i >= len(boxes)
+                  else (y0, y1, x0, x1) for i, (y0, y1, x0, x1) in enumerate(chosen)]
+        return _tiny_backend(name), hand_made_concepts(maps, chosen)
+
+    return make

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from concept_express.uce_core.backends.base import AttentionLayer
 from oracles import aggregate_oracle as oracle
 from concept_express.uce_core.attention import (
     CaptureRecorder,
@@ -70,12 +71,23 @@ def test_attention_with_probs_matches_naive_softmax_in_float64():
     g = torch.Generator().manual_seed(0)
     b, nq, nk, heads, dh = 2, 37, 11, 3, 4
     q, k, v = (torch.randn(b, n, heads * dh, generator=g) for n in (nq, nk, nk))
-    out, probs = attention_with_probs(q, k, v, heads, scale=dh ** -0.5, chunk_rows=8)
     qd, kd, vd = (t.double().view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
     p = torch.softmax(qd @ kd.transpose(-1, -2) * dh ** -0.5, dim=-1)
     expected_out = (p @ vd).transpose(1, 2).reshape(b, nq, -1)
+    chunk = 4 * b * heads * nk * 8  # 8 query rows per chunk: exercises the chunk loop
+    with torch.no_grad():  # in-place path
+        out, probs = attention_with_probs(q, k, v, heads, scale=dh ** -0.5, chunk_bytes=chunk)
     torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs.double(), p.mean(1), rtol=1e-5, atol=1e-7)
+    qg = q.clone().requires_grad_(True)  # autograd path
+    out_g, probs_g = attention_with_probs(qg, k, v, heads, scale=dh ** -0.5, chunk_bytes=chunk)
+    torch.testing.assert_close(out_g.double(), expected_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs_g.double(), p.mean(1), rtol=1e-5, atol=1e-7)
+    (out_g.sum() + probs_g[:, :, 0].sum()).backward()
+    qd_g = q.double().clone().requires_grad_(True)
+    pd = torch.softmax(qd_g.view(b, -1, heads, dh).transpose(1, 2) @ kd.transpose(-1, -2) * dh ** -0.5, dim=-1)
+    ((pd @ vd).sum() + pd.mean(1)[:, :, 0].sum()).backward()
+    torch.testing.assert_close(qg.grad.double(), qd_g.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_grid_of():
@@ -92,9 +104,10 @@ def test_recorder_eot_prefers_quarter_grid_and_averages_layers():
     a[0, :, 1] = torch.arange(16.0)
     b = torch.zeros(1, 16, 77)
     b[0, :, 1] = 2.0
-    rec.record("cross", (4, 4), a)
-    rec.record("cross", (4, 4), b)
-    rec.record("cross", (8, 8), torch.ones(1, 64, 77))
+    rec.record(AttentionLayer("cross", (4, 4), "down"), a)
+    rec.record(AttentionLayer("cross", (4, 4), "up"), b)
+    rec.record(AttentionLayer("cross", (8, 8), "up"), torch.ones(1, 64, 77))
+    assert not rec.wants(AttentionLayer("cross", (4, 4), "mid"))  # the reference reads (up, down) only
     eot, grid = rec.eot_map((16, 16))
     assert grid == (4, 4)
     torch.testing.assert_close(eot, ((torch.arange(16.0) + 2) / 2).view(4, 4))

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from concept_express.uce_core.errors import ConceptExpressError
 from concept_express.uce_core.images import MIN_SIDE, fit_to_model, load_image, to_tensor, working_size
@@ -148,3 +148,16 @@ def test_to_tensor_range_and_layout():
     t = to_tensor(image)
     assert t.shape == (1, 3, 64, 64)
     assert t[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+
+
+@pytest.mark.parametrize("size,target", [((640, 480), (576, 448)), ((480, 640), (448, 576)), ((300, 300), (128, 128)),
+                                         ((1000, 400), (768, 320))])
+def test_crop_box_is_the_region_fit_keeps(size, target):
+    from concept_express.uce_core.images import crop_box
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    fitted = np.asarray(ImageOps.fit(image, target, Image.BICUBIC), dtype=float)  # what fit_to_model does
+    box = crop_box(*size, target)
+    manual = np.asarray(image.resize(target, Image.BICUBIC, box=box), dtype=float)
+    assert np.abs(fitted - manual).mean() < 1.0

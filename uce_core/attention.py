@@ -4,9 +4,11 @@ spec sections 1.2-1.3).
 One UNet call on the clean latent (posterior mean, no flip) at t = 0 with the empty prompt records
 
 * every self-attention layer's probabilities, averaged over heads as they are computed and folded straight into
-  one (n, n) accumulator (n = h*w of the target grid), so no layer map is ever kept; and
-* the end-of-text column of the cross-attention at the layers whose grid is 1/4 of the latent grid (16x16 for a
-  64x64 latent: the reference's ``res=16``), averaged over those layers and their heads.
+  one (n, n) accumulator (n = h*w of the target grid), so no layer map outlives its layer (peak extra memory: the aggregate, one layer's head-mean and a 32 MiB
+  chunk of scores); and
+* the end-of-text column of the cross-attention at the down and up layers whose grid is 1/4 of the latent grid
+  (16x16 for a 64x64 latent: the reference's ``res=16, from_where=("up", "down")``), averaged over those layers and
+  their heads (SDXL's mid block also runs at that grid; like the reference, it is left out).
 
 Aggregation is the reference's (``aggregate_self_attention`` below), in float32: per layer, bilinear interpolation
 of the key dimensions to the target grid (align_corners=False), nearest duplication of the query dimensions,
@@ -33,8 +35,8 @@ import torch.nn.functional as F
 
 from .errors import ConceptExpressError
 
-# Queries per chunk when probabilities are materialised: bounds the temporary to heads x CHUNK x keys floats.
-CHUNK_ROWS = 1024
+# Bytes of float32 scores materialised at once (heads x query chunk x keys); bounds the temporary memory of a layer.
+CHUNK_BYTES = 32 * 2 ** 20
 
 
 def grid_of(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -47,27 +49,46 @@ def grid_of(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     return lh // f, lw // f
 
 
+def closest_grid(grids, latent_hw: tuple[int, int], factor: int = 4) -> tuple[int, int]:
+    """Of the layer grids seen, the one closest to 1/``factor`` of the latent grid (ties: the finer one)."""
+    wanted = latent_hw[0] / factor
+    return min(grids, key=lambda g: (abs(math.log(g[0] / wanted)), -g[0]))
+
+
 def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                         chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention that also returns the probabilities averaged over heads.
 
     q: (B, Nq, heads*dq), k: (B, Nk, heads*dq), v: (B, Nk, heads*dv) -> out (B, Nq, heads*dv) in v's dtype and
-    probs (B, Nq, Nk) in float32. Scores and softmax are float32; queries are processed ``chunk_rows`` at a time so
-    only (heads, chunk_rows, Nk) is ever materialised besides the head-mean. Differentiable.
+    probs (B, Nq, Nk) in float32. Scores and softmax are float32 and computed for as many queries at a time as fit
+    in ``chunk_bytes``. Without autograd the softmax runs in place and the head-means go straight into their
+    output, so a layer needs only its (B, Nq, Nk) result plus one chunk; with autograd (training's small
+    cross-attention layers) the same maths runs out of place.
     """
     b, nq, _ = q.shape
     nk = k.shape[1]
     qh = q.reshape(b, nq, heads, -1).transpose(1, 2).float()
-    kh = k.reshape(b, nk, heads, -1).transpose(1, 2).float()
+    kt = k.reshape(b, nk, heads, -1).transpose(1, 2).float().transpose(-1, -2)
     vh = v.reshape(b, nk, heads, -1).transpose(1, 2)
-    outs, means = [], []
-    for start in range(0, nq, chunk_rows):
-        scores = torch.matmul(qh[:, :, start:start + chunk_rows], kh.transpose(-1, -2)) * scale
-        probs = scores.softmax(dim=-1)
-        outs.append(torch.matmul(probs.to(vh.dtype), vh))
-        means.append(probs.mean(dim=1))
-    out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, nq, -1)
-    return out, torch.cat(means, dim=1)
+    rows = max(1, chunk_bytes // (4 * b * heads * nk))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        outs, means = [], []
+        for start in range(0, nq, rows):
+            probs = (torch.matmul(qh[:, :, start:start + rows], kt) * scale).softmax(dim=-1)
+            outs.append(torch.matmul(probs.to(vh.dtype), vh))
+            means.append(probs.mean(dim=1))
+        out, mean = torch.cat(outs, dim=2), torch.cat(means, dim=1)
+    else:
+        out = torch.empty(b, heads, nq, vh.shape[-1], dtype=vh.dtype, device=vh.device)
+        mean = torch.empty(b, nq, nk, dtype=torch.float32, device=q.device)
+        for start in range(0, nq, rows):
+            stop = min(nq, start + rows)
+            scores = torch.matmul(qh[:, :, start:stop], kt).mul_(scale)
+            scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+            scores.div_(scores.sum(dim=-1, keepdim=True))
+            torch.mean(scores, dim=1, out=mean[:, start:stop])
+            torch.matmul(scores.to(vh.dtype), vh, out=out[:, :, start:stop])
+    return out.transpose(1, 2).reshape(b, nq, -1), mean
 
 
 def aggregate_self_attention(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int],
@@ -118,15 +139,16 @@ class CaptureRecorder:
         self.eot_sums: dict[tuple[int, int], torch.Tensor] = {}
         self.eot_counts: dict[tuple[int, int], int] = {}
 
-    def wants(self, kind: str, grid: tuple[int, int]) -> bool:
-        return True
+    def wants(self, layer) -> bool:
+        return layer.kind == "self" or layer.place != "mid"  # the reference reads cross-attention from down and up
 
-    def record(self, kind: str, grid: tuple[int, int], probs: torch.Tensor) -> None:
+    def record(self, layer, probs: torch.Tensor) -> None:
         if probs.shape[0] != 1:
             raise ValueError("capture runs on one image at a time")
-        if kind == "self":
+        grid = tuple(layer.grid)
+        if layer.kind == "self":
             self.weight_sum += aggregate_self_attention(self.acc, probs[0].to(self.acc.device), grid, self.target)
-            self.self_layers.append(tuple(grid))
+            self.self_layers.append(grid)
         else:
             column = probs[0, :, self.eot_position].float().to(self.acc.device)
             self.eot_sums[grid] = self.eot_sums.get(grid, 0) + column
@@ -138,12 +160,11 @@ class CaptureRecorder:
         return normalise_rows(self.acc.div_(self.weight_sum))
 
     def eot_map(self, latent_hw: tuple[int, int], factor: int = 4) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Mean EOT column at the grid 1/``factor`` of the latent (the reference's 16x16 for a 64x64 latent), or
-        the recorded grid closest to it when the model has none there."""
+        """Mean EOT column over the down and up cross-attention layers at 1/``factor`` of the latent grid (the
+        reference's 16x16 for a 64x64 latent), or at the recorded grid closest to it."""
         if not self.eot_sums:
             raise ConceptExpressError("the model ran no cross-attention layer; is this a Stable Diffusion UNet?")
-        wanted = (latent_hw[0] / factor, latent_hw[1] / factor)
-        grid = min(self.eot_sums, key=lambda g: (abs(math.log(g[0] / wanted[0])), -g[0]))
+        grid = closest_grid(self.eot_sums, latent_hw, factor)
         mean = self.eot_sums[grid] / self.eot_counts[grid]
         return mean.view(grid).contiguous(), grid
 
@@ -205,10 +226,11 @@ def capture_attention(backend, image, *, timestep: int = 0, prompt: str = "", re
     seeded by ``noise_seed`` (the reference never does this). ``grid`` defaults to the latent grid.
     """
     from .backends.base import Prompt
-    from .images import fit_to_model, load_image, to_tensor
+    from .images import crop_box, fit_to_model, load_image, to_tensor
 
     info = backend.info
-    picture = fit_to_model(load_image(image), resolution or info.resolution, 8 * info.vae_scale_factor, resize)
+    source = load_image(image)
+    picture = fit_to_model(source, resolution or info.resolution, 8 * info.vae_scale_factor, resize)
     pixels = to_tensor(picture).to(backend.device)
     with torch.no_grad():
         latents = backend.encode_image(pixels)
@@ -229,7 +251,9 @@ def capture_attention(backend, image, *, timestep: int = 0, prompt: str = "", re
         "timestep": timestep, "prompt": prompt, "resize": resize, "latent_grid": list(latent_hw),
         "self_layers": [list(g) for g in recorder.self_layers], "eot_grid": list(eot_grid),
         "eot_layers": recorder.eot_counts[eot_grid], "eot_position": cond.eot_positions[0],
-        "image_size": [picture.width, picture.height],
+        "image_size": [picture.width, picture.height], "source_size": [source.width, source.height],
+        "source_crop": list(crop_box(source.width, source.height, picture.size)) if resize == "keep"
+        else [0.0, 0.0, float(source.width), float(source.height)],
     }
     image_tensor = torch.from_numpy(np.asarray(picture, dtype=np.uint8).copy())
     return AttentionMaps(self_attention, eot.cpu(), target, image_tensor, meta)

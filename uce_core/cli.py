@@ -45,6 +45,46 @@ def _capture_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resolution", type=int, help="working resolution in pixels (default: the model's native one)")
 
 
+def _localize_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("concept localization")
+    group.add_argument("--n-max", type=int, default=10, help="upper limit N_max used to pick the pre-clustering level (default 10)")
+    group.add_argument("--delta", choices=["reference", "paper"], default="reference",
+                       help="post-clustering threshold: the official code's (default) or the paper's reading")
+    group.add_argument("--min-area", type=float, default=0.0,
+                       help="drop concepts smaller than this fraction of the image (default 0: off, as the reference)")
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainSettings
+
+    d = TrainSettings()
+    group = parser.add_argument_group("token learning")
+    group.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    group.add_argument("--merge-step", type=int, default=d.merge_step, help=f"step at which split tokens merge (default {d.merge_step})")
+    group.add_argument("--split-tokens", type=int, default=d.split_tokens, help=f"tokens per concept before merging (default {d.split_tokens})")
+    group.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
+    group.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight, help=f"alpha (default {d.contrastive_weight:g})")
+    group.add_argument("--attention-weight", type=float, default=d.attention_weight, help=f"beta, EMD alignment (default {d.attention_weight:g})")
+    group.add_argument("--emd", choices=["sinkhorn", "exact"], default=d.emd, help="EMD solver (default: entropic Sinkhorn as the reference)")
+    group.add_argument("--update", choices=["batched", "reference"], default=d.update,
+                       help="one averaged update per step (default) or the reference's one update per prompt")
+    group.add_argument("--init", choices=["random", "reference"], default=d.init,
+                       help="split-token initialisation: random at the vocabulary's scale (default) or the reference's fixed rows")
+    group.add_argument("--template", default=d.template, help=f'training prompt, {{}} marks the token (default "{d.template}")')
+    group.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed}, the official run's)")
+    group.add_argument("--no-flip", action="store_true", help="no random horizontal flips during training")
+    group.add_argument("--micro-batch", type=int, default=0, help="prompts per UNet call (default 0: all of a step)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    group.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between resumable checkpoints")
+
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default="output", help="output folder (default: ./output)")
+    group.add_argument("--prefix", default="concept", help="embedding names are PREFIX_1, PREFIX_2, ... (default: concept)")
+    group.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="concept-express", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +101,42 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(capture)
     _capture_options(capture)
     capture.set_defaults(run=run_capture)
+
+    localize = sub.add_parser("localize", help="find the concepts in captured attention (or in an image)",
+                              description="Stage 2: FINCH clustering of the aggregated self-attention, end-of-text "
+                                          "filtering and constrained merging; writes concepts.safetensors and an overlay.")
+    localize.add_argument("source", nargs="?", help="attention.safetensors from 'capture', or an image (captured first)")
+    localize.add_argument("--out", default="output", help="output folder (default: ./output)")
+    _model_options(localize)
+    _capture_options(localize)
+    _localize_options(localize)
+    localize.set_defaults(run=run_localize)
+
+    extract = sub.add_parser("extract", help="the main job: image -> concepts -> one embedding per concept",
+                             description="Capture attention, localize the concepts, learn one token per concept and "
+                                         "export them as embeddings ComfyUI, A1111 and diffusers load.")
+    extract.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
+    _model_options(extract)
+    _capture_options(extract)
+    _localize_options(extract)
+    _train_options(extract)
+    _export_options(extract)
+    extract.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    extract.set_defaults(run=run_extract)
+
+    generate = sub.add_parser("generate", help="render images with learned concepts",
+                              description='Render PROMPT with learned concepts: {1}, {2}, ... stand for the concepts and '
+                                          '{all} for all of them joined with "and".')
+    generate.add_argument("--concepts", required=True, help="a folder written by 'extract'")
+    generate.add_argument("--prompt", required=True, help='e.g. "a photo of {1} on the beach"')
+    generate.add_argument("--negative", default="", help="negative prompt")
+    generate.add_argument("--count", type=int, default=4, help="images to render (default 4)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    generate.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default 50)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    generate.add_argument("--out", help="output folder (default: CONCEPTS/images)")
+    _model_options(generate)
+    generate.set_defaults(run=run_generate)
     return parser
 
 
@@ -108,6 +184,132 @@ def run_capture(args) -> int:
     for path in written:
         _say(f"  wrote {path}")
     return 0
+
+
+def _capture(args, backend, image):
+    from .attention import capture_attention
+
+    return capture_attention(backend, image, timestep=args.timestep, prompt=args.capture_prompt, resize=args.resize,
+                             resolution=args.resolution)
+
+
+def _localize(args, maps):
+    from .localize import LocalizeSettings, localize_concepts
+
+    settings = LocalizeSettings(n_max=args.n_max, delta=args.delta, min_area=args.min_area)
+    return localize_concepts(maps, settings)
+
+
+def run_localize(args) -> int:
+    from .attention import AttentionMaps
+
+    out = Path(args.out)
+    source = args.source or (str(EXAMPLE_IMAGE) if args.demo else None)
+    if source is None:
+        raise ConceptExpressError("give attention.safetensors from 'capture', an image, or --demo")
+    if source.endswith(".safetensors"):
+        maps = AttentionMaps.load(source)
+    else:
+        args.image = source
+        image, model = _resolve_inputs(args)
+        maps = _capture(args, load_model(args, model), image)
+    concepts = _localize(args, maps)
+    written = [concepts.save(out / "concepts.safetensors"), _save_png(concepts.overlay(), out / "concepts.png")]
+    _say(f"found {len(concepts)} concept(s) on a {concepts.grid[0]}x{concepts.grid[1]} grid")
+    for path in written:
+        _say(f"  wrote {path}")
+    return 0
+
+
+def run_extract(args) -> int:
+    from .export import check_export_target, export_names, export_tokens
+    from .train import TrainSettings, train_concept_tokens
+
+    image, model = _resolve_inputs(args)
+    out = Path(args.out)
+    started = time.perf_counter()
+    backend = load_model(args, model)
+    _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
+    if backend.info.name.startswith("tiny-"):
+        _say("note: tiny models have RANDOM weights; the pipeline runs end to end but the concepts mean nothing")
+    maps = _capture(args, backend, image)
+    concepts = _localize(args, maps)
+    _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
+    check_export_target(out, export_names([""] * len(concepts), args.prefix), args.overwrite)
+    settings = TrainSettings(
+        steps=args.steps, merge_step=args.merge_step, split_tokens=args.split_tokens, learning_rate=args.lr,
+        contrastive_weight=args.contrastive_weight, attention_weight=args.attention_weight, emd=args.emd,
+        update=args.update, init=args.init, template=args.template, seed=args.seed, flip=not args.no_flip,
+        micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+    )
+    settings.validate()
+    checkpoint = out / ".training-checkpoint.safetensors"
+    if checkpoint.exists() and not args.resume:
+        checkpoint.unlink()
+    bar = _ProgressBar(settings.steps)
+    tokens = train_concept_tokens(backend, concepts, settings, progress=bar.update, checkpoint=checkpoint,
+                                  resume=args.resume)
+    bar.close()
+    result = export_tokens(tokens, out, prefix=args.prefix, overwrite=args.overwrite,
+                           extra={"image": str(image), "model": model})
+    if checkpoint.exists():
+        checkpoint.unlink()
+    final = tokens.history["loss"][-1] if tokens.history.get("loss") else float("nan")
+    _say(f"done in {time.perf_counter() - started:.1f} s: {len(result.names)} concept(s), final loss {final:.4f}")
+    for path in result.embeddings:
+        _say(f"  {path}")
+    _say(f"  {result.manifest} (+ masks, concepts.png, loss.png)")
+    _say("use them:")
+    _say(f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{args.prefix}/ and write "
+         f"'embedding:{args.prefix}/{result.names[0]}' in a CLIP Text Encode prompt")
+    _say(f"  here:    concept-express generate --concepts {out} --prompt \"a photo of {{1}} on the beach\"")
+    return 0
+
+
+def run_generate(args) -> int:
+    from .export import load_exported
+    from .generate import generate_images
+
+    tokens = load_exported(args.concepts)
+    model = args.model or tokens.info.get("model", {}).get("name") or None
+    if args.demo:
+        model = model or DEMO_MODEL
+    if not model:
+        raise ConceptExpressError("give --model: the model the concepts were learned with (or one of the same family)")
+    backend = load_model(args, model)
+    out = Path(args.out or Path(args.concepts) / "images")
+    images = generate_images(backend, tokens, args.prompt, seed=args.seed, count=args.count, steps=args.sampling_steps,
+                             guidance=args.guidance, negative=args.negative)
+    stem = "".join(c if c.isalnum() else "-" for c in args.prompt).strip("-")[:60] or "image"
+    for k, picture in enumerate(images):
+        _say(f"  wrote {_save_png(picture, out / f'{stem}_{args.seed + k}.png')}")
+    return 0
+
+
+class _ProgressBar:
+    """Training progress on stderr: a redrawn line on a terminal, a line every 10% otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.tty = total, time.perf_counter(), sys.stderr.isatty()
+        self.last_reported = -1
+
+    def update(self, step: int, total: int, losses: dict) -> None:
+        if "resumed" in losses:
+            print(f"resumed from step {step}", file=sys.stderr, flush=True)
+            return
+        elapsed = time.perf_counter() - self.started
+        line = f"train {step}/{total} loss {losses.get('loss', float('nan')):.4f} {elapsed:.0f}s"
+        if self.tty:
+            filled = int(30 * step / total)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}", end="", file=sys.stderr, flush=True)
+        elif step * 10 // total != self.last_reported or step == total:
+            self.last_reported = step * 10 // total
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
 
 
 def _save_png(picture, path: Path) -> Path:

@@ -46,6 +46,18 @@ class Concepts:
         """(N, H, W) float masks nearest-upsampled to ``size`` (H, W), e.g. the image resolution."""
         return torch.nn.functional.interpolate(self.masks[:, None].float(), size=size, mode="nearest")[:, 0]
 
+    def masks_on_source(self) -> torch.Tensor:
+        """(N, H, W) float masks on the user's original image (before resizing and cropping), from the crop the
+        capture recorded; areas cropped away are 0. Falls back to the working image when that is unknown."""
+        size, box = self.info.get("source_size"), self.info.get("source_crop")
+        if not size or not box:
+            return self.masks_at(tuple(self.image.shape[:2]))
+        width, height = size
+        left, top, right, bottom = (int(round(v)) for v in box)
+        out = torch.zeros(len(self), height, width)
+        out[:, top:bottom, left:right] = self.masks_at((bottom - top, right - left))
+        return out
+
     def save(self, path: str | os.PathLike) -> Path:
         from .fileio import save_tensors
 

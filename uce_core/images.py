@@ -17,7 +17,7 @@ Resizing (``fit_to_model``): the reference stretches every image to 512x512. We 
 ("keep"): the working size has both sides multiples of ``multiple`` pixels (64 = 8 pixels per latent cell x 8, so
 that the UNet's three downsamplings divide evenly), an area of about ``resolution**2`` and the aspect ratio closest
 to the image's (``working_size``); the image is scaled to cover it and centre-cropped by what remains (a 4:3 photo
-at 512 becomes 576x448, cropping 0.8% of its height). A square image gives exactly the reference's 512x512.
+at 512 becomes 576x448, cropping 3.6% of its width). A square image gives exactly the reference's 512x512.
 ``mode="stretch"`` reproduces the reference for non-square images too.
 """
 
@@ -142,6 +142,17 @@ def fit_to_model(image: Image.Image, resolution: int, multiple: int = 64, mode: 
     if mode == "stretch":
         return image.resize((w, h), Image.BICUBIC)
     return ImageOps.fit(image, (w, h), Image.BICUBIC, centering=(0.5, 0.5))
+
+
+def crop_box(width: int, height: int, target: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of a width x height source that ``fit_to_model`` keeps for a
+    ``target`` (w, h) working size: the centred crop with the target's aspect ratio (PIL's ``ImageOps.fit``)."""
+    tw, th = target
+    if width / height > tw / th:
+        kept = height * tw / th
+        return ((width - kept) / 2, 0.0, (width + kept) / 2, float(height))
+    kept = width * th / tw
+    return (0.0, (height - kept) / 2, float(width), (height + kept) / 2)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -76,3 +76,41 @@ def eot_preview(maps) -> Image.Image:
     tiles = [image, heatmap(eot, image.size), heatmap(eot, image.size, image)]
     grid = "x".join(str(s) for s in eot.shape)
     return grid_of_pictures(tiles, ["image", f"EOT attention {grid}", "EOT over image"], columns=3)
+
+
+def loss_curve(history: dict[str, list[float]], size: tuple[int, int] = (640, 320)) -> Image.Image:
+    """A line plot of the training losses per step ("loss" and, when present, "denoise"), with a moving average."""
+    width, height = size
+    margin = 44
+    picture = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    series = [(k, history[k], c) for k, c in (("loss", (200, 40, 40)), ("denoise", (40, 90, 200))) if history.get(k)]
+    draw.rectangle([margin, 10, width - 10, height - margin], outline=(0, 0, 0))
+    if not series:
+        draw.text((margin + 8, 20), "no training steps", fill=(0, 0, 0))
+        return picture
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v, _ in series])
+    values = values[np.isfinite(values)]
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    steps = max(len(v) for _, v, _ in series)
+
+    def xy(i, value):
+        x = margin + (width - 10 - margin) * (i / max(1, steps - 1))
+        y = height - margin - (height - margin - 10) * ((value - lo) / (hi - lo))
+        return x, y
+
+    for legend, (name, v, colour) in enumerate(series):
+        v = np.asarray(v, dtype=np.float64)
+        window = max(1, len(v) // 25)
+        smooth = np.convolve(v, np.ones(window) / window, mode="valid") if len(v) >= window else v
+        faint = tuple(int(c + (255 - c) * 0.7) for c in colour)
+        if len(v) > 1:
+            draw.line([xy(i, x) for i, x in enumerate(v)], fill=faint, width=1)
+            draw.line([xy(i + window - 1, x) for i, x in enumerate(smooth)], fill=colour, width=2)
+        draw.text((width - 120, 14 + 14 * legend), name, fill=colour)
+    draw.text((4, 6), f"{hi:.3g}", fill=(0, 0, 0))
+    draw.text((4, height - margin - 8), f"{lo:.3g}", fill=(0, 0, 0))
+    draw.text((margin, height - margin + 6), "step 1", fill=(0, 0, 0))
+    draw.text((width - 70, height - margin + 6), f"step {steps}", fill=(0, 0, 0))
+    return picture

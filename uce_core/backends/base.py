@@ -2,7 +2,7 @@
 
 A backend can
 
-* encode an image to scaled latents (the posterior mean: capture and training are deterministic given a seed);
+* encode an image to scaled latents (the posterior mean at capture; training also draws posterior samples);
 * add noise at timesteps, and give the training target for the model's prediction type (epsilon or v);
 * encode prompts in which some positions are learnable vectors (``Prompt`` slots); gradients reach those vectors
   only, one vector per slot per text encoder (SDXL has two encoders, so two vectors per slot);
@@ -16,7 +16,7 @@ Everything else in ``uce_core`` is model-agnostic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
@@ -95,19 +95,27 @@ class Conditioning:
     eot_positions: list[int] = field(default_factory=list)
 
 
+class AttentionLayer(NamedTuple):
+    """Where an attention call happens: ``kind`` "self" or "cross", ``grid`` the (h, w) of its query positions,
+    ``place`` "down", "mid" or "up" (the UNet part; the reference reads cross-attention from "down" and "up")."""
+
+    kind: str
+    grid: tuple[int, int]
+    place: str
+
+
 @runtime_checkable
 class AttentionRecorder(Protocol):
     """Receives attention probabilities during a denoiser call.
 
-    ``grid`` is the (h, w) of the layer's query positions; ``kind`` is "self" or "cross". ``wants`` is asked once
-    per attention call; when it answers True the backend computes the probabilities explicitly and calls
-    ``record`` with their mean over heads, shape (B, h*w, keys), in float32. Otherwise the layer runs the
-    normal fused attention and nothing is materialised.
+    ``wants`` is asked once per attention call; when it answers True the backend computes the probabilities
+    explicitly and calls ``record`` with their mean over heads, shape (B, h*w, keys), in float32 (differentiable
+    when gradients are on). Otherwise the layer runs the normal fused attention and nothing is materialised.
     """
 
-    def wants(self, kind: str, grid: tuple[int, int]) -> bool: ...
+    def wants(self, layer: AttentionLayer) -> bool: ...
 
-    def record(self, kind: str, grid: tuple[int, int], probs: torch.Tensor) -> None: ...
+    def record(self, layer: AttentionLayer, probs: torch.Tensor) -> None: ...
 
 
 @runtime_checkable
@@ -117,6 +125,10 @@ class ModelBackend(Protocol):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), the posterior mean."""
+        ...
+
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's (mean, standard deviation), both scaled like the latents."""
         ...
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
@@ -133,6 +145,11 @@ class ModelBackend(Protocol):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                 recorder: AttentionRecorder | None = None) -> torch.Tensor:
         """Run the denoiser; call ``recorder`` for the attention layers it wants."""
+        ...
+
+    def token_embeddings(self, encoder: int) -> torch.Tensor:
+        """The (vocabulary, width) token-embedding table of text encoder ``encoder``, read only (token
+        initialisation draws from its statistics)."""
         ...
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..attention import attention_with_probs, grid_of
-from .base import Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo
+from .base import AttentionLayer, Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo
 
 PLACEHOLDER_ID = 0  # any real id works: its embedding row is replaced before the encoder sees it
 
@@ -59,18 +59,19 @@ class _EmbeddingSubstitution:
 class DiffusersBackend:
     """``ModelBackend`` over a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
 
-    def __init__(self, pipe, info: ModelInfo, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, pipe, info: ModelInfo, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 text_dtype: torch.dtype = torch.float32):
         self.pipe = pipe
         self.info = info
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype  # the UNet's; the VAE always runs in float32 and the text encoders in ``text_dtype``
         self.unet = _placed(pipe.unet, self.device, dtype)
         self.vae = _placed(pipe.vae, self.device, torch.float32)  # fp16 VAEs overflow (SDXL's notably)
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else [])
         self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
         self._hooks = []
         for encoder in self.text_encoders:
-            _placed(encoder, self.device, dtype)
+            _placed(encoder, self.device, text_dtype)
             hook = _EmbeddingSubstitution()
             encoder.get_input_embeddings().register_forward_hook(hook)
             self._hooks.append(hook)
@@ -79,8 +80,11 @@ class DiffusersBackend:
 
     # -- the protocol ---------------------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.latent_distribution(pixels)[0]
+
+    def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        return (posterior.mean * self.vae_scaling).to(self.dtype)
+        return (posterior.mean * self.vae_scaling).to(self.dtype), (posterior.std * self.vae_scaling).to(self.dtype)
 
     def add_noise(self, latents, noise, timesteps):
         return self.schedule.add_noise(latents, noise, timesteps)
@@ -90,6 +94,10 @@ class DiffusersBackend:
 
     def token_ids(self, text: str) -> list[int]:
         return self.tokenizers[0](text, add_special_tokens=False).input_ids
+
+    def token_embeddings(self, encoder: int) -> torch.Tensor:
+        """The (vocabulary, width) token-embedding table of text encoder ``encoder`` (read only)."""
+        return self.text_encoders[encoder].get_input_embeddings().weight.detach()
 
     def encode_prompts(self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None) -> Conditioning:
         info = self.info
@@ -128,6 +136,28 @@ class DiffusersBackend:
             out = self.unet(noisy.to(self.dtype), timesteps.to(self.device), encoder_hidden_states=context, **kwargs)
         return out.sample
 
+    def sample(self, cond: Conditioning, uncond: Conditioning, *, steps: int, guidance: float,
+               generator: torch.Generator, width: int, height: int):
+        """Render one image with DDIM and classifier-free guidance (the reference's infer.py settings come from the
+        caller) from precomputed conditioning; returns a PIL image."""
+        from diffusers import DDIMScheduler
+        from PIL import Image
+
+        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config, prediction_type=self.info.prediction_type)
+        scheduler.set_timesteps(steps)
+        shape = (1, self.info.latent_channels, height // self.info.vae_scale_factor, width // self.info.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator).to(self.device, torch.float32) * scheduler.init_noise_sigma
+        both = Conditioning(torch.cat([uncond.context, cond.context]),
+                            {k: torch.cat([uncond.extras[k], v]) for k, v in cond.extras.items()})
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.dtype)
+                out_uncond, out_cond = self.predict(x, t.repeat(2).to(self.device), both).float().chunk(2)
+                latents = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, latents).prev_sample
+            pixels = self.vae.decode(latents / self.vae_scaling).sample
+        array = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(array)
+
     # -- internals ------------------------------------------------------------------------------------------
     def _substitutions(self, rows, vectors):
         places = [(b, pos, slot) for b, r in enumerate(rows) for slot, pos in r[1].items()]
@@ -138,7 +168,7 @@ class DiffusersBackend:
         b = torch.tensor([p[0] for p in places], device=self.device)
         pos = torch.tensor([p[1] for p in places], device=self.device)
         slot = torch.tensor([p[2] for p in places], device=vectors.device)
-        return b, pos, vectors[slot].to(self.device)
+        return b, pos, vectors[slot.to(vectors.device)].to(self.device)
 
     @contextlib.contextmanager
     def _recording(self, recorder, latent_hw):
@@ -146,11 +176,17 @@ class DiffusersBackend:
             yield
             return
         originals = self.unet.attn_processors
-        self.unet.set_attn_processor({name: _RecordingProcessor(proc, recorder, latent_hw) for name, proc in originals.items()})
+        self.unet.set_attn_processor({name: _RecordingProcessor(proc, recorder, latent_hw, _place(name))
+                                      for name, proc in originals.items()})
         try:
             yield
         finally:
             self.unet.set_attn_processor(originals)
+
+
+def _place(processor_name: str) -> str:
+    """'down_blocks.2.attentions.0...' -> 'down'; 'mid_block...' -> 'mid'; 'up_blocks...' -> 'up'."""
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(processor_name.split(".")[0], "other")
 
 
 def _placed(module, device, dtype):
@@ -167,15 +203,15 @@ class _RecordingProcessor:
     """Runs one attention module: explicitly (recording probabilities) when the recorder wants the layer,
     otherwise through the module's own processor."""
 
-    def __init__(self, original, recorder, latent_hw):
-        self.original, self.recorder, self.latent_hw = original, recorder, latent_hw
+    def __init__(self, original, recorder, latent_hw, place):
+        self.original, self.recorder, self.latent_hw, self.place = original, recorder, latent_hw, place
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         kind = "self" if encoder_hidden_states is None else "cross"
         spatial = hidden_states.ndim == 4
         queries = hidden_states.shape[-1] * hidden_states.shape[-2] if spatial else hidden_states.shape[1]
-        grid = grid_of(queries, self.latent_hw)
-        if not self.recorder.wants(kind, grid):
+        layer = AttentionLayer(kind, grid_of(queries, self.latent_hw), self.place)
+        if not self.recorder.wants(layer):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None or attn.spatial_norm is not None or getattr(attn, "norm_q", None) is not None:
             raise NotImplementedError("recording attention of masked, spatially-normed or QK-normed attention layers")
@@ -189,7 +225,7 @@ class _RecordingProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         out, probs = attention_with_probs(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, attn.scale)
-        self.recorder.record(kind, grid, probs)
+        self.recorder.record(layer, probs)
         out = attn.to_out[1](attn.to_out[0](out.to(hidden_states.dtype)))
         if spatial:
             out = out.transpose(-1, -2).reshape(b, c, h, w)

@@ -1,0 +1,134 @@
+"""Token learning throughput and peak memory: the batched update (default) against the reference's one update per
+prompt, at equal settings, in one run. A benchmark, not a test.
+
+    python benchmarks/bench_train.py                                   # tiny-sd1, CPU
+    python benchmarks/bench_train.py --model random:sd2-base --device cuda --dtype bfloat16 --concepts 5
+    python benchmarks/bench_train.py --extract                         # the CPU demo: extract end to end, timed
+
+Each mode runs in a fresh process: model load, capture of the example image, N hand-made concepts (horizontal
+bands; localization is not what is measured), then ``--steps`` training steps, split phase and merged phase in
+the proportion of the default schedule (merge at 1/5 of the steps). Reported: steps per second over all steps,
+and peak memory: CUDA ``max_memory_allocated`` or, on CPU, the process's peak resident set (VmHWM) minus its size
+before training. Results go in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rss(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_capture import load
+    from concept_express.uce_core.attention import capture_attention
+    from concept_express.uce_core.concepts import Concepts
+    from concept_express.uce_core.train import TrainSettings, train_concept_tokens
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
+    backend = load(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
+    maps = capture_attention(backend, str(ROOT / "assets" / "example.png"), resolution=args.resolution)
+    h, w = maps.grid
+    masks = torch.zeros(args.concepts, h, w, dtype=torch.bool)
+    for i in range(args.concepts):
+        masks[i, i * h // args.concepts:(i + 1) * h // args.concepts] = True
+    features = torch.stack([maps.self_attention[m.flatten()].mean(0) for m in masks])
+    concepts = Concepts(masks, features, torch.ones(args.concepts), maps.grid, maps.image, {})
+    settings = TrainSettings(steps=args.steps, merge_step=max(1, args.steps // 5), update=args.mode,
+                             micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _rss("VmRSS")
+    started = time.perf_counter()
+    train_concept_tokens(backend, concepts, settings)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak, total = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated()
+    else:
+        peak, total = _rss("VmHWM"), _rss("VmHWM")
+    seconds = time.perf_counter() - started
+    return {"mode": args.mode, "steps_per_s": args.steps / seconds, "seconds": seconds,
+            "extra_gib": (peak - base) / 2 ** 30, "peak_gib": total / 2 ** 30, "grid": [h, w],
+            "device": str(device), "model": args.model}
+
+
+def extract_demo() -> None:
+    """Time the README's main job: concept-express extract --demo (tiny-sd1, CPU), end to end."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "concept_express.uce_core.cli", "extract", "--demo", "--out", out],
+                                capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+    print(result.stdout.strip())
+    if result.returncode:
+        print(result.stderr.strip())
+    print(f"extract --demo: {seconds:.1f} s wall clock, exit code {result.returncode}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-sd1")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--concepts", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--micro-batch", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--modes", default="batched,reference")
+    parser.add_argument("--extract", action="store_true", help="time the CPU demo extract instead")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.extract:
+        extract_demo()
+        return
+    if args.mode:
+        print(json.dumps(worker(args)))
+        return
+    rows = {}
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--device", args.device,
+               "--concepts", str(args.concepts), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
+        cmd += ["--dtype", args.dtype] if args.dtype else []
+        cmd += ["--resolution", str(args.resolution)] if args.resolution else []
+        cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:])
+            raise SystemExit(f"{mode} failed")
+        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    first = next(iter(rows.values()))
+    print(f"model {first['model']} on {first['device']}, latent grid {first['grid'][0]}x{first['grid'][1]}, "
+          f"N = {args.concepts}, {args.steps} steps (merge at {max(1, args.steps // 5)})")
+    print(f"{'mode':10s} {'steps/s':>9s} {'seconds':>9s} {'extra GiB':>10s}")
+    for mode, r in rows.items():
+        print(f"{mode:10s} {r['steps_per_s']:9.3f} {r['seconds']:9.1f} {r['extra_gib']:10.2f}")
+    if "batched" in rows and "reference" in rows:
+        print(f"batched vs reference: {rows['batched']['steps_per_s'] / rows['reference']['steps_per_s']:.2f}x the steps/s")
+
+
+if __name__ == "__main__":
+    main()

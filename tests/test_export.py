@@ -1,0 +1,130 @@
+"""Exported embeddings load back bit-exact through diffusers (and ComfyUI when a tree is available); export is
+atomic, never overwrites silently, and names cannot escape the folder. Generation with learned tokens."""
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from concept_express.uce_core.backends.tiny import build_tiny_pipeline
+from concept_express.uce_core.errors import ConceptExpressError
+from concept_express.uce_core.export import MANIFEST, export_tokens, load_exported, sanitize_name
+from concept_express.uce_core.generate import generate_images, parse_template
+from concept_express.uce_core.backends.base import Prompt, Slot
+from concept_express.uce_core.tokens import ConceptTokens
+from concept_express.uce_core.train import TrainSettings, train_concept_tokens
+
+
+def _tokens(concepts_for, name="tiny-sd1", count=2):
+    backend, concepts = concepts_for(name, count)
+    return backend, train_concept_tokens(backend, concepts, TrainSettings(steps=2, merge_step=1, split_tokens=2))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2"])
+def test_diffusers_load_textual_inversion_is_bit_exact(concepts_for, tmp_path, name):
+    _, tokens = _tokens(concepts_for, name)
+    result = export_tokens(tokens, tmp_path)
+    pipe = build_tiny_pipeline(name)
+    for i, path in enumerate(result.embeddings):
+        assert set(load_file(str(path))) == {"emb_params"}
+        token = f"<{result.names[i]}>"
+        pipe.load_textual_inversion(str(path), token=token)
+        row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(token)]
+        assert torch.equal(row.detach(), tokens.vectors[0][i])
+
+
+def test_sdxl_files_carry_both_encoders_and_load_into_diffusers(concepts_for, tmp_path):
+    _, tokens = _tokens(concepts_for, "tiny-sdxl")
+    result = export_tokens(tokens, tmp_path)
+    pipe = build_tiny_pipeline("tiny-sdxl")
+    for i, path in enumerate(result.embeddings):
+        state = load_file(str(path))
+        assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (1, 32) and state["clip_g"].shape == (1, 64)
+        token = f"<{result.names[i]}>"
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        for e, (encoder, tokenizer) in enumerate([(pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)]):
+            row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+            assert torch.equal(row.detach(), tokens.vectors[e][i])
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="needs a ComfyUI tree in COMFYUI_PATH")
+@pytest.mark.comfyui
+@pytest.mark.parametrize("name,embedding_key,width", [("tiny-sd1", "clip_l", 32), ("tiny-sdxl", "clip_g", 64)])
+def test_comfyui_embedding_loader_reads_the_files(concepts_for, tmp_path, name, embedding_key, width):
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.sd1_clip as sd1_clip
+
+    _, tokens = _tokens(concepts_for, name)
+    result = export_tokens(tokens, tmp_path / "embeddings" / "set", prefix="cat")
+    for i, n in enumerate(result.names):
+        emb = sd1_clip.load_embed(f"set/{n}", [str(tmp_path / "embeddings")], width, embedding_key)
+        encoder = tokens.encoder_keys.index(embedding_key)
+        assert emb is not None and torch.equal(emb.reshape(-1), tokens.vectors[encoder][i])
+
+
+def test_round_trip_through_the_export_folder(concepts_for, tmp_path):
+    _, tokens = _tokens(concepts_for, "tiny-sdxl", 3)
+    result = export_tokens(tokens, tmp_path, prefix="stilllife")
+    assert result.names == ["stilllife_1", "stilllife_2", "stilllife_3"]
+    back = load_exported(tmp_path)
+    assert back.names == result.names and back.family == "sdxl" and back.encoder_keys == tokens.encoder_keys
+    for a, b in zip(back.vectors, tokens.vectors):
+        assert torch.equal(a, b)
+    assert torch.equal(back.masks, tokens.masks) and torch.equal(back.image, tokens.image)
+    for extra in ("concepts.png", "loss.png", MANIFEST, "stilllife_1_mask.png"):
+        assert (tmp_path / extra).stat().st_size > 0
+
+
+def test_existing_files_are_never_replaced_unless_asked(concepts_for, tmp_path):
+    _, tokens = _tokens(concepts_for, "tiny-sd1")
+    export_tokens(tokens, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = ConceptTokens([v + 1 for v in tokens.vectors], tokens.encoder_keys, tokens.family, tokens.names,
+                            tokens.masks, tokens.image, tokens.history, tokens.info)
+    with pytest.raises(ConceptExpressError, match="already exist.*nothing was written"):
+        export_tokens(changed, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    export_tokens(changed, tmp_path, overwrite=True)
+    assert torch.equal(load_file(str(tmp_path / "concept_1.safetensors"))["emb_params"][0], tokens.vectors[0][0] + 1)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_names_cannot_escape_the_folder(concepts_for, tmp_path):
+    _, tokens = _tokens(concepts_for, "tiny-sd1")
+    evil = ConceptTokens(tokens.vectors, tokens.encoder_keys, tokens.family, ["../../escape", "/etc/passwd"],
+                         tokens.masks, tokens.image)
+    result = export_tokens(evil, tmp_path / "out")
+    for path in result.embeddings:
+        assert path.resolve().parent == (tmp_path / "out").resolve()
+    assert not (tmp_path / "escape.safetensors").exists()
+    assert sanitize_name("../a b/c") == "a_b_c"
+    for bad in ("..", "///", "con", "NUL.txt", ""):
+        with pytest.raises(ConceptExpressError):
+            sanitize_name(bad)
+
+
+def test_parse_template():
+    assert parse_template("a photo of {1} on the beach", 2) == Prompt(("a photo of ", Slot(0), " on the beach"))
+    assert parse_template("{all} in the snow", 3) == Prompt((Slot(0), " and ", Slot(1), " and ", Slot(2), " in the snow"))
+    with pytest.raises(ConceptExpressError, match="only 2 concepts"):
+        parse_template("{3}", 2)
+    with pytest.raises(ConceptExpressError, match="no concept"):
+        parse_template("a photo", 2)
+
+
+def test_generation_is_seeded_and_checks_the_model_family(concepts_for):
+    backend, tokens = _tokens(concepts_for, "tiny-sd1")
+    a = generate_images(backend, tokens, "a photo of {1}", seed=3, steps=4)
+    b = generate_images(backend, tokens, "a photo of {1}", seed=3, steps=4)
+    c = generate_images(backend, tokens, "a photo of {2}", seed=3, steps=4, count=2)
+    assert a[0].size == (tokens.image.shape[1], tokens.image.shape[0]) and len(c) == 2
+    assert a[0].tobytes() == b[0].tobytes() and a[0].tobytes() != c[0].tobytes()
+    other, _ = concepts_for("tiny-sdxl", 1)
+    with pytest.raises(ConceptExpressError, match="learned on a sd1 model"):
+        generate_images(other, tokens, "{1}", steps=2)

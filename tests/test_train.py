@@ -1,0 +1,239 @@
+"""Token learning on tiny models (CPU): what learns, the split/merge bookkeeping, both update orders, resume,
+cancellation and divergence handling."""
+
+import copy
+
+import pytest
+import torch
+
+from concept_express.uce_core.backends.base import Prompt, Slot
+from concept_express.uce_core.errors import ConceptExpressError
+from concept_express.uce_core.losses import masked_denoising_loss
+from concept_express.uce_core.train import TrainingCancelled, TrainSettings, _Run, train_concept_tokens
+
+FAST = dict(steps=6, merge_step=3, split_tokens=2)
+
+
+def _model_state(backend):
+    modules = {"unet": backend.unet, "vae": backend.vae}
+    modules.update({f"text_encoder_{e}": m for e, m in enumerate(backend.text_encoders)})
+    return {f"{name}.{k}": v.detach().clone() for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sdxl"])
+def test_only_the_new_vectors_learn(concepts_for, name):
+    backend, concepts = concepts_for(name, 2)
+    before = _model_state(backend)
+    tokens = train_concept_tokens(backend, concepts, TrainSettings(**FAST))
+    after = _model_state(backend)
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == []
+    assert not any(p.requires_grad for p in backend.unet.parameters())
+    assert [tuple(v.shape) for v in tokens.vectors] == [(2, w) for w in backend.info.widths]
+    assert tokens.encoder_keys == [e.key for e in backend.info.text_encoders]
+    assert all(torch.isfinite(v).all() for v in tokens.vectors)
+
+
+def _held_out_loss(backend, concepts, tokens, draws=6):
+    """Mean masked denoising loss of each token's single prompt over fixed noise and timesteps (computed here,
+    not by the trainer)."""
+    g = torch.Generator().manual_seed(1234)
+    from PIL import Image
+
+    from concept_express.uce_core.images import to_tensor
+
+    x0 = backend.encode_image(to_tensor(Image.fromarray(concepts.image.numpy())))
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(concepts)):
+            cond = backend.encode_prompts([Prompt(("a photo of", Slot(i)))] * draws, vectors=tokens.vectors)
+            t = torch.randint(0, 1000, (draws,), generator=g)
+            noise = torch.randn((draws, *x0.shape[1:]), generator=g)
+            pred = backend.predict(backend.add_noise(x0, noise, t), t, cond)
+            mask = concepts.masks[i].float().expand(draws, -1, -1)
+            total += masked_denoising_loss(pred, backend.target(x0, noise, t), mask).mean().item()
+    return total / len(concepts)
+
+
+def test_training_lowers_the_masked_denoising_loss(concepts_for):
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    settings = dict(merge_step=10, split_tokens=2, learning_rate=3e-2, attention_weight=0.0)
+    start = train_concept_tokens(backend, concepts, TrainSettings(steps=1, **settings))
+    trained = train_concept_tokens(backend, concepts, TrainSettings(steps=60, **settings))
+    assert _held_out_loss(backend, concepts, trained) < 0.97 * _held_out_loss(backend, concepts, start)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 11, 12])
+def test_split_and_merge_bookkeeping(concepts_for, n):
+    backend, concepts = concepts_for("tiny-sd1", n)
+    run = _Run(backend, concepts, TrainSettings())
+    g = 5
+    split = run.items()
+    assert len(split) == g * n
+    for k, item in enumerate(split):  # token k belongs to concept k mod N (the reference's layout)
+        assert item.slots == (k,) and item.concepts == (k % n,)
+        assert item.prompt == Prompt(("a photo of ", Slot(k)))
+    before = [v.detach().clone() for v in run.vectors]
+    run.merge()
+    for v, old in zip(run.vectors, before):
+        for i in range(n):
+            expected = torch.stack([old[j * n + i] for j in range(g)]).double().mean(0)
+            torch.testing.assert_close(v[i].detach().double(), expected, rtol=1e-6, atol=1e-7)
+    merged = run.items()
+    assert [it.slots for it in merged[:n]] == [(i,) for i in range(n)]
+    if n > 1:  # the composite prompt "a photo of [V1] and ... [VN]" with the union of the masks
+        composite = merged[-1]
+        assert len(merged) == n + 1 and composite.slots == tuple(range(n)) and composite.concepts == tuple(range(n))
+        assert composite.prompt.slots == tuple(range(n)) and composite.prompt.parts.count(" and ") == n - 1
+    else:
+        assert len(merged) == 1
+
+
+def test_twelve_concepts_train_in_both_orders(concepts_for):
+    """The reference truncates its 50 placeholder tokens above N = 10; here any N works."""
+    backend, concepts = concepts_for("tiny-sd1", 12)
+    for update in ("batched", "reference"):
+        tokens = train_concept_tokens(backend, concepts, TrainSettings(steps=2, merge_step=1, update=update))
+        assert len(tokens) == 12 and tokens.vectors[0].shape == (12, 32)
+
+
+def test_update_orders_step_as_specified(concepts_for, monkeypatch):
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    calls = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    train_concept_tokens(backend, concepts, TrainSettings(steps=3, merge_step=2, update="reference"))
+    assert len(calls) == 2 * (5 * 2) + 1 * (2 + 1)  # 5N prompts per split step, N + 1 per merged step
+    calls.clear()
+    train_concept_tokens(backend, concepts, TrainSettings(steps=3, merge_step=2, update="batched"))
+    assert len(calls) == 3
+
+
+def test_micro_batching_does_not_change_the_result(concepts_for):
+    backend, concepts = concepts_for("tiny-sd1", 3)
+    whole = train_concept_tokens(backend, concepts, TrainSettings(**FAST))
+    pieces = train_concept_tokens(backend, concepts, TrainSettings(**FAST, micro_batch=2))
+    for a, b in zip(whole.vectors, pieces.vectors):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for key in ("loss", "denoise"):
+        assert pieces.history[key] == pytest.approx(whole.history[key], rel=1e-4)
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens(concepts_for):
+    backend, concepts = concepts_for("tiny-sd2", 2)  # v-prediction
+    a = train_concept_tokens(backend, concepts, TrainSettings(**FAST))
+    b = train_concept_tokens(backend, concepts, TrainSettings(**FAST))
+    c = train_concept_tokens(backend, concepts, TrainSettings(**FAST, seed=21))
+    assert torch.equal(a.vectors[0], b.vectors[0]) and not torch.equal(a.vectors[0], c.vectors[0])
+
+
+def test_resume_continues_the_same_trajectory(concepts_for, tmp_path):
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    settings = TrainSettings(steps=8, merge_step=4, split_tokens=3, checkpoint_every=2)
+    straight = train_concept_tokens(backend, concepts, settings)
+
+    path = tmp_path / "run.ckpt.safetensors"
+    seen = []
+    with pytest.raises(TrainingCancelled):
+        train_concept_tokens(backend, concepts, settings, checkpoint=path,
+                             progress=lambda step, total, losses: seen.append(step),
+                             should_stop=lambda: len(seen) >= 5)
+    assert seen == [1, 2, 3, 4, 5] and path.is_file()
+    resumed = train_concept_tokens(backend, concepts, settings, checkpoint=path)
+    assert torch.equal(resumed.vectors[0], straight.vectors[0])
+    assert resumed.history == straight.history
+
+
+def test_checkpoint_of_another_run_is_not_resumed(concepts_for, tmp_path):
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    path = tmp_path / "run.ckpt.safetensors"
+    done = []
+    with pytest.raises(TrainingCancelled):
+        train_concept_tokens(backend, concepts, TrainSettings(**FAST), checkpoint=path,
+                             progress=lambda *a: done.append(1), should_stop=lambda: len(done) >= 2)
+    assert path.is_file()
+    other = train_concept_tokens(backend, concepts, TrainSettings(**{**FAST, "seed": 5}), checkpoint=path)
+    fresh = train_concept_tokens(backend, concepts, TrainSettings(**{**FAST, "seed": 5}))
+    assert torch.equal(other.vectors[0], fresh.vectors[0])
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(concepts_for, tmp_path, monkeypatch):
+    from concept_express.uce_core.fileio import load_tensors
+
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    calls = {"n": 0}
+    original = backend.predict
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = original(*args, **kwargs)
+        return out * float("nan") if calls["n"] > 4 else out
+
+    monkeypatch.setattr(backend, "predict", poisoned)
+    path = tmp_path / "run.ckpt.safetensors"
+    with pytest.raises(ConceptExpressError, match=r"diverged at step 4.*not a finite number.*checkpoint"):
+        train_concept_tokens(backend, concepts, TrainSettings(**FAST, checkpoint_every=1), checkpoint=path)
+    _, meta = load_tensors(path)
+    assert meta["step"] == 3  # the probe call plus one UNet call per step: steps 1-3 were good
+
+
+def test_cancel_before_the_first_step_writes_nothing(concepts_for, tmp_path):
+    backend, concepts = concepts_for("tiny-sd1", 1)
+    with pytest.raises(TrainingCancelled, match="before step 1"):
+        train_concept_tokens(backend, concepts, TrainSettings(**FAST), should_stop=lambda: True,
+                             checkpoint=tmp_path / "ckpt.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exception_from_the_progress_callback_leaves_a_resumable_checkpoint(concepts_for, tmp_path):
+    """ComfyUI's Cancel arrives as an exception raised by its progress hook, after a step."""
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    settings = TrainSettings(**FAST)
+    path = tmp_path / "ckpt.safetensors"
+
+    class HostInterrupt(Exception):
+        pass
+
+    def progress(step, total, losses):
+        if step == 4:
+            raise HostInterrupt
+
+    with pytest.raises(HostInterrupt):
+        train_concept_tokens(backend, concepts, settings, checkpoint=path, progress=progress)
+    resumed = train_concept_tokens(backend, concepts, settings, checkpoint=path)
+    straight = train_concept_tokens(backend, concepts, settings)
+    assert torch.equal(resumed.vectors[0], straight.vectors[0])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(template="a photo"), "exactly one {}"),
+    (dict(update="sideways"), "update must be"),
+    (dict(emd="fast"), "emd must be"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+])
+def test_invalid_settings_get_one_clear_error(concepts_for, bad, message):
+    backend, concepts = concepts_for("tiny-sd1", 1)
+    with pytest.raises(ConceptExpressError, match=message):
+        train_concept_tokens(backend, concepts, TrainSettings(**bad))
+
+
+def test_reference_initialisation_copies_fixed_vocabulary_rows(concepts_for):
+    from concept_express.uce_core.tokens import initial_vectors
+
+    backend, _ = concepts_for("tiny-sd1", 1)
+    table = backend.token_embeddings(0)
+    g = torch.Generator().manual_seed(0)
+    rows = initial_vectors(table, 10, "reference", g)
+    assert torch.equal(rows, table[len(table) - 100: len(table) - 90])
+    drawn = initial_vectors(table, 4000, "random", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn.mean(0), table.mean(0), atol=4 * table.std(0).max().item() / 60, rtol=0)
+    assert not any((drawn[:, None] == table[None]).all(-1).any(1))  # no vocabulary word is copied
+
+
+def test_settings_are_not_mutated_and_defaults_are_the_official_run():
+    s = TrainSettings()
+    assert (s.steps, s.merge_step, s.split_tokens, s.learning_rate, s.contrastive_weight, s.attention_weight,
+            s.temperature, s.seed, s.weight_decay, s.max_grad_norm) == (500, 100, 5, 5e-4, 1e-3, 1e-5, 0.07, 20, 1e-2, 1.0)
+    assert copy.deepcopy(s) == s

@@ -1,0 +1,181 @@
+"""Writing learned tokens so that ComfyUI, A1111 and diffusers all load them.
+
+One ``<name>.safetensors`` per concept:
+
+* SD1.x / SD2.x: ``{"emb_params": (1, width)}`` — ComfyUI takes the first value of a plain dict, A1111 and diffusers
+  ``load_textual_inversion`` know the ``emb_params`` key;
+* SDXL: ``{"clip_l": (1, 768), "clip_g": (1, 1280)}`` — ComfyUI picks the key of each of its two tokenizers;
+  diffusers loads each key into its encoder (``load_textual_inversion(state_dict["clip_g"], token=...,
+  text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)``).
+
+Plus ``manifest.json`` (names, files, model family, settings, steps, loss history, localization parameters), one
+``<name>_mask.png`` per concept, ``concepts.png`` (overlay), ``loss.png`` and ``concept-tokens.safetensors`` (the full
+record: vectors, latent masks, image, history), from which ``load_exported`` restores a concept set.
+
+Every file is written atomically (temporary name, then rename). Existing files are never replaced unless
+``overwrite=True``; the check covers the whole set before anything is written, so a refused export writes
+nothing. Names are sanitised so that no name can leave the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConceptExpressError
+from .tokens import ConceptTokens
+
+MANIFEST = "manifest.json"
+RECORD = "concept-tokens.safetensors"
+MANIFEST_FORMAT = "concept-express/manifest/1"
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def sanitize_name(name: str, what: str = "name") -> str:
+    """A file-name-safe version of ``name``: letters, digits, '-', '_' and '.'; no leading dot; at most 64 chars.
+    Raises ``ConceptExpressError`` when nothing usable is left."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("._")[:64]
+    if not clean or clean.lower().split(".")[0] in _WINDOWS_RESERVED:
+        raise ConceptExpressError(f"{what} {name!r} has no usable characters; use letters, digits, '-' or '_'.")
+    return clean
+
+
+def embedding_tensors(tokens: ConceptTokens, index: int) -> dict[str, torch.Tensor]:
+    """The tensors of concept ``index``'s embedding file (see the module docstring)."""
+    vectors = [v[index : index + 1].float().contiguous().cpu() for v in tokens.vectors]
+    if tokens.family == "sdxl":
+        return dict(zip(tokens.encoder_keys, vectors))
+    return {"emb_params": vectors[0]}
+
+
+def export_names(names: list[str], prefix: str | None = None) -> list[str]:
+    """The file names an export uses: ``<prefix>_1..N`` with a prefix, else the sanitised ``names``."""
+    out = ([f"{sanitize_name(prefix, 'prefix')}_{i + 1}" for i in range(len(names))] if prefix
+           else [sanitize_name(n) for n in names])
+    if len({n.lower() for n in out}) != len(out):
+        raise ConceptExpressError(f"concept names must differ from each other: {out}")
+    return out
+
+
+def check_export_target(folder: Path, names: list[str], overwrite: bool) -> tuple[list[Path], list[Path]]:
+    """The embedding and mask paths of an export; raises (writing nothing) if any file of the export exists and
+    ``overwrite`` is off. Callers can run it before a long training run."""
+    folder = Path(folder)
+    embeddings = [folder / f"{n}.safetensors" for n in names]
+    masks = [folder / f"{n}_mask.png" for n in names]
+    others = [folder / RECORD, folder / "concepts.png", folder / "loss.png", folder / MANIFEST]
+    if not overwrite:
+        existing = [p for p in [*embeddings, *masks, *others] if p.exists()]
+        if existing:
+            raise ConceptExpressError(
+                f"{len(existing)} file(s) already exist, e.g. {existing[0]}; nothing was written. "
+                "Choose another folder or prefix, or allow overwriting."
+            )
+    return embeddings, masks
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    embeddings: list[Path]
+    manifest: Path
+    names: list[str]
+
+
+def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: str | None = None,
+                  overwrite: bool = False, extra: dict | None = None) -> ExportResult:
+    """Write the embedding files, masks, previews, the full record and the manifest of ``tokens`` into ``folder``.
+
+    With ``prefix`` the names become ``<prefix>_1``, ``<prefix>_2``, ...; otherwise ``tokens.names`` are used.
+    """
+    from safetensors.torch import save_file
+
+    from .fileio import write_atomic, write_text_atomic
+    from .previews import loss_curve
+
+    folder = Path(folder)
+    names = export_names(tokens.names, prefix)
+    embeddings, masks = check_export_target(folder, names, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"family": tokens.family, "encoders": ",".join(tokens.encoder_keys)}
+    for i, path in enumerate(embeddings):
+        tensors = embedding_tensors(tokens, i)
+        write_atomic(path, lambda tmp, t=tensors: save_file(t, str(tmp), metadata=header), overwrite)
+    height, width = tokens.image.shape[:2]
+    for i, path in enumerate(masks):
+        picture = _mask_picture(tokens.masks[i], (height, width))
+        write_atomic(path, lambda tmp, p=picture: p.save(tmp, format="PNG"), overwrite)
+    named = ConceptTokens(tokens.vectors, tokens.encoder_keys, tokens.family, names, tokens.masks, tokens.image,
+                          tokens.history, tokens.info)
+    named.save(folder / RECORD)  # the full record: vectors, latent masks, image, history, settings
+    write_atomic(folder / "concepts.png", lambda tmp: overlay(named).save(tmp, format="PNG"), overwrite)
+    write_atomic(folder / "loss.png", lambda tmp: loss_curve(tokens.history).save(tmp, format="PNG"), overwrite)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "family": tokens.family,
+        "encoders": tokens.encoder_keys,
+        "concepts": [{"name": n, "file": e.name, "mask": m.name, "original_name": o}
+                     for n, e, m, o in zip(names, embeddings, masks, tokens.names)],
+        "record": RECORD,
+        "history": tokens.history,
+        "info": tokens.info,
+        **(extra or {}),
+    }
+    manifest_path = write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, default=str), overwrite)
+    return ExportResult(folder, embeddings, manifest_path, names)
+
+
+def overlay(tokens: ConceptTokens):
+    """The image with each concept's mask tinted and numbered (the same picture as ``Concepts.overlay``)."""
+    from .concepts import Concepts
+
+    n, cells = len(tokens), tokens.masks[0].numel()
+    return Concepts(tokens.masks, torch.full((n, cells), 1.0 / cells), torch.ones(n), tuple(tokens.masks.shape[1:]),
+                    tokens.image).overlay()
+
+
+def _mask_picture(mask: torch.Tensor, size: tuple[int, int]):
+    from PIL import Image
+
+    big = torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
+    return Image.fromarray((big.numpy() * 255).astype("uint8"), "L")
+
+
+def load_exported(folder: str | os.PathLike) -> ConceptTokens:
+    """Read an exported concept set: names from the manifest, vectors from the embedding files (exactly what
+    ComfyUI and diffusers would load), masks, image and history from the record."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    path = folder / MANIFEST if folder.is_dir() else folder
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConceptExpressError(f"{path}: no manifest here; give a folder that an export wrote.") from None
+    except ValueError:
+        raise ConceptExpressError(f"{path}: the manifest is not valid JSON.") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ConceptExpressError(f"{path}: not a ConceptExpress manifest.")
+    root = path.parent
+    record = ConceptTokens.load(root / Path(manifest.get("record", RECORD)).name)
+    keys, family = manifest["encoders"], manifest["family"]
+    vectors: list[list[torch.Tensor]] = [[] for _ in keys]
+    for entry in manifest["concepts"]:
+        file = root / Path(entry["file"]).name
+        try:
+            tensors = load_file(str(file))
+        except Exception as err:
+            raise ConceptExpressError(f"{file}: cannot be read ({err}).") from None
+        values = [tensors[k] for k in keys] if family == "sdxl" else [tensors["emb_params"]]
+        for e, value in enumerate(values):
+            vectors[e].append(value.reshape(-1).float())
+    names = [c["name"] for c in manifest["concepts"]]
+    if names != record.names:
+        raise ConceptExpressError(f"{path}: the manifest and {RECORD} list different concepts.")
+    return ConceptTokens([torch.stack(v) for v in vectors], keys, family, names, record.masks, record.image,
+                         record.history, record.info)

@@ -1,0 +1,487 @@
+"""Stage 3: learn one textual-inversion token per concept (paper sec. 3.3-3.4; reference spec 1.9-1.11).
+
+Token lookup table (eq. 7/9): split token k of the g*N belongs to concept k mod N (the reference's layout), with its
+mask m_i and mean attention f_i. Steps 0..merge_step-1 train the g*N split tokens on the prompts
+"a photo of [V_k]" (masked denoising eq. 8 + beta * EMD alignment eq. 11) plus alpha * the contrastive loss eq. 10;
+at merge_step each concept's token becomes the mean of its g split tokens, and the remaining steps train the N
+merged tokens on "a photo of [V_i]" and the composite "a photo of [V_1] and ... [V_N]" (union mask). Only the new
+vectors are parameters; the models are frozen and never written.
+
+Two update orders:
+
+* ``batched`` (default, paper eqs. 12-13): all prompts of a step go through the UNet together (in micro-batches
+  when memory asks for it), one averaged update per step: loss = mean over prompts of (eq. 8 + beta * eq. 11), plus
+  alpha * eq. 10 in the split phase.
+* ``reference``: the official code's order: every prompt does its own forward, backward and optimizer step
+  (5N updates per step in the split phase, N + 1 after), each with the contrastive term in the split phase.
+
+All randomness of a step (flip, timesteps, noise, VAE posterior samples) is drawn up front from one seeded
+generator, so a step's result does not depend on how it is micro-batched, and a resumed run continues the same
+trajectory. Checkpoints (safetensors: vectors, AdamW state, generator state, history) are written every
+``checkpoint_every`` steps, on cancellation, and before stopping on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .attention import closest_grid
+from .backends.base import AttentionLayer, Prompt, Slot
+from .concepts import Concepts
+from .errors import ConceptExpressError
+from .losses import contrastive_loss, emd_alignment_loss, grid_cost, masked_denoising_loss, nearest_downsample
+from .tokens import INITIALISATIONS, ConceptTokens, initial_vectors
+
+CHECKPOINT_FORMAT = "concept-express/training-checkpoint/1"
+
+
+class TrainingCancelled(ConceptExpressError):
+    """Training was stopped on request; a resumable checkpoint was written when a checkpoint path was given."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Defaults are the official run's (scripts/train.sh), except ``init`` (see tokens.py) and ``update``."""
+
+    steps: int = 500
+    merge_step: int = 100
+    split_tokens: int = 5
+    learning_rate: float = 5e-4
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    contrastive_weight: float = 1e-3  # alpha
+    temperature: float = 0.07  # tau
+    attention_weight: float = 1e-5  # beta
+    emd: str = "sinkhorn"  # or "exact"
+    sinkhorn_reg: float = 1e-3
+    sinkhorn_iterations: int = 200
+    template: str = "a photo of {}"
+    joiner: str = " and "
+    composite: bool = True
+    update: str = "batched"  # or "reference"
+    init: str = "random"  # or "reference"
+    flip: bool = True
+    vae_sample: bool = True  # a fresh VAE posterior sample per prompt, as the reference
+    seed: int = 20
+    micro_batch: int = 0  # prompts per UNet call; 0 = all of a step at once (halved automatically on CUDA OOM)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append("steps must be at least 1")
+        if self.merge_step < 0:
+            problems.append("merge_step must be >= 0")
+        if self.split_tokens < 1:
+            problems.append("split_tokens must be >= 1")
+        if not self.learning_rate > 0:
+            problems.append("learning_rate must be > 0")
+        if min(self.contrastive_weight, self.attention_weight, self.weight_decay) < 0:
+            problems.append("loss weights and weight decay must be >= 0")
+        if self.emd not in ("sinkhorn", "exact"):
+            problems.append("emd must be 'sinkhorn' or 'exact'")
+        if self.update not in ("batched", "reference"):
+            problems.append("update must be 'batched' or 'reference'")
+        if self.init not in INITIALISATIONS:
+            problems.append(f"init must be one of {INITIALISATIONS}")
+        if self.template.count("{}") != 1:
+            problems.append("the prompt template needs exactly one {} where the token goes")
+        if self.micro_batch < 0 or self.checkpoint_every < 0:
+            problems.append("micro_batch and checkpoint_every must be >= 0")
+        if problems:
+            raise ConceptExpressError("invalid training settings: " + "; ".join(problems) + ".")
+
+    def trajectory_key(self) -> str:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        fields = asdict(self)
+        for name in ("checkpoint_every", "micro_batch", "gradient_checkpointing"):
+            fields.pop(name)
+        return json.dumps(fields, sort_keys=True)
+
+
+@dataclass
+class _Item:
+    """One prompt of a step: its text with slots, the concept whose mask applies, and (slot, concept) pairs
+    whose attention is aligned."""
+
+    prompt: Prompt
+    concepts: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass
+class _Draws:
+    flip: bool
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    vae_noise: torch.Tensor
+
+
+class _CrossAttention:
+    """Recorder: mean head-averaged cross-attention over the down/up layers at one grid."""
+
+    def __init__(self, grid):
+        self.grid, self.total, self.count = tuple(grid), None, 0
+
+    def wants(self, layer: AttentionLayer) -> bool:
+        return layer.kind == "cross" and tuple(layer.grid) == self.grid and layer.place != "mid"
+
+    def record(self, layer: AttentionLayer, probs: torch.Tensor) -> None:
+        self.total = probs if self.total is None else self.total + probs
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError(f"no cross-attention layer at grid {self.grid} ran")
+        return self.total / self.count
+
+
+class _GridLister:
+    def __init__(self):
+        self.grids = set()
+
+    def wants(self, layer: AttentionLayer) -> bool:
+        if layer.kind == "cross" and layer.place != "mid":
+            self.grids.add(tuple(layer.grid))
+        return False
+
+    def record(self, layer, probs):  # never called
+        pass
+
+
+def _prompt(template: str, slots: list[int], joiner: str) -> Prompt:
+    before, after = template.split("{}")
+    parts: list = [before] if before.strip() else []
+    for k, slot in enumerate(slots):
+        if k:
+            parts.append(joiner)
+        parts.append(Slot(slot))
+    if after.strip():
+        parts.append(after)
+    return Prompt(tuple(parts))
+
+
+class _Run:
+    """The mutable state of one training run."""
+
+    def __init__(self, backend, concepts: Concepts, settings: TrainSettings):
+        self.backend, self.concepts, self.s = backend, concepts, settings
+        self.n = len(concepts)
+        self.g = settings.split_tokens
+        self.device = backend.device
+        self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self._prepare_image()
+        self._prepare_targets()
+        self.vectors = [torch.nn.Parameter(initial_vectors(backend.token_embeddings(e), self.g * self.n,
+                                                           settings.init, self.generator).to(self.device))
+                        for e in range(len(backend.info.text_encoders))]
+        self.optimizer = torch.optim.AdamW(self.vectors, lr=settings.learning_rate, betas=settings.adam_betas,
+                                           eps=settings.adam_eps, weight_decay=settings.weight_decay)
+        use_scaler = self.device.type == "cuda" and getattr(backend, "dtype", torch.float32) == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.step = 0
+        self.merged = self.g == 1 or settings.merge_step == 0
+        self.history: dict[str, list[float]] = {"loss": [], "denoise": [], "attention": [], "contrastive": []}
+        self.micro_batch = settings.micro_batch
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def _prepare_image(self):
+        from PIL import Image
+
+        from .images import to_tensor
+
+        pixels = to_tensor(Image.fromarray(self.concepts.image.numpy())).to(self.device)
+        with torch.no_grad():
+            mean, std = self.backend.latent_distribution(torch.cat([pixels, pixels.flip(-1)]))
+        self.latent_mean, self.latent_std = mean.float(), std.float()
+        self.latent_hw = tuple(mean.shape[-2:])
+
+    def _prepare_targets(self):
+        masks = self.concepts.masks.float()
+        if tuple(masks.shape[-2:]) != self.latent_hw:
+            masks = torch.nn.functional.interpolate(masks[:, None], size=self.latent_hw, mode="nearest")[:, 0]
+        self.masks = masks.to(self.device)
+        self.cross_grid = None
+        if self.s.attention_weight > 0:
+            lister = _GridLister()
+            with torch.no_grad():
+                cond = self.backend.encode_prompts([Prompt.text("")])
+                x = self.latent_mean[:1].to(getattr(self.backend, "dtype", torch.float32))
+                self.backend.predict(x, torch.zeros(1, dtype=torch.long, device=self.device), cond, lister)
+            if not lister.grids:
+                raise ConceptExpressError("the model has no cross-attention layers to align the tokens with")
+            self.cross_grid = closest_grid(lister.grids, self.latent_hw, 4)
+            maps = self.concepts.features.float().view(self.n, *self.concepts.grid)
+            self.feature_targets = nearest_downsample(maps, self.cross_grid).flatten(1).to(self.device)
+            self.feature_targets_flipped = nearest_downsample(maps.flip(-1), self.cross_grid).flatten(1).to(self.device)
+            self.cost = grid_cost(*self.cross_grid, device=self.device)
+
+    # -- the schedule -------------------------------------------------------------------------------------------
+    def items(self) -> list[_Item]:
+        s = self.s
+        if not self.merged:
+            return [_Item(_prompt(s.template, [k], s.joiner), (k % self.n,), (k,)) for k in range(self.g * self.n)]
+        items = [_Item(_prompt(s.template, [i], s.joiner), (i,), (i,)) for i in range(self.n)]
+        if s.composite and self.n > 1:
+            items.append(_Item(_prompt(s.template, list(range(self.n)), s.joiner), tuple(range(self.n)), tuple(range(self.n))))
+        return items
+
+    def draw(self, count: int) -> _Draws:
+        g, shape = self.generator, (count, *self.latent_mean.shape[1:])
+        flip = bool(self.s.flip and torch.rand(1, generator=g).item() < 0.5)
+        timesteps = torch.randint(0, self.backend.info.num_train_timesteps, (count,), generator=g)
+        noise = torch.randn(shape, generator=g)
+        vae_noise = torch.randn(shape, generator=g) if self.s.vae_sample else torch.zeros(shape)
+        return _Draws(flip, timesteps, noise, vae_noise)
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            for v in self.vectors:
+                v[: self.n] = v.view(self.g, self.n, -1).mean(dim=0)
+        self.merged = True
+
+    # -- one forward over some prompts ----------------------------------------------------------------------------
+    def forward(self, items: list[_Item], draws: _Draws, index: slice):
+        backend, s = self.backend, self.s
+        side = 1 if draws.flip else 0
+        x0 = self.latent_mean[side] + self.latent_std[side] * draws.vae_noise[index].to(self.device)
+        noise = draws.noise[index].to(self.device)
+        t = draws.timesteps[index].to(self.device)
+        dtype = getattr(backend, "dtype", torch.float32)
+        noisy = backend.add_noise(x0, noise, t).to(dtype)
+        target = backend.target(x0, noise, t)
+        cond = backend.encode_prompts([it.prompt for it in items], vectors=self.vectors)
+        recorder = _CrossAttention(self.cross_grid) if self.cross_grid is not None else None
+        pred = backend.predict(noisy, t, cond, recorder)
+        masks = torch.stack([self.masks[list(it.concepts)].amax(dim=0) for it in items])
+        if draws.flip:
+            masks = masks.flip(-1)
+        denoise = masked_denoising_loss(pred, target, masks)
+        attention = torch.zeros_like(denoise)
+        if recorder is not None:
+            probs = recorder.mean()
+            rows, columns, targets = [], [], []
+            for b, it in enumerate(items):
+                for slot, concept in zip(it.slots, it.concepts):
+                    rows.append(b)
+                    columns.append(probs[b, :, cond.slot_positions[b][slot]])
+                    targets.append(concept)
+            feats = self.feature_targets_flipped if draws.flip else self.feature_targets
+            per_pair = emd_alignment_loss(torch.stack(columns), feats[targets], self.cost, method=s.emd,
+                                          reg=s.sinkhorn_reg, iterations=s.sinkhorn_iterations)
+            attention = attention.index_add(0, torch.tensor(rows, device=per_pair.device), per_pair)
+        return denoise, attention
+
+    def contrastive(self) -> torch.Tensor:
+        labels = torch.arange(self.g * self.n, device=self.device) % self.n
+        return torch.stack([contrastive_loss(v, labels, self.s.temperature) for v in self.vectors]).mean()
+
+    # -- updates ----------------------------------------------------------------------------------------------------
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.s.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.vectors, self.s.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _with_contrastive(self) -> bool:
+        return not self.merged and self.g > 1 and self.s.contrastive_weight > 0
+
+    def batched_step(self, items, draws) -> dict[str, float]:
+        s, p = self.s, len(items)
+        while True:
+            size = self.micro_batch or p
+            try:
+                self.optimizer.zero_grad(set_to_none=True)
+                denoise_sum = attention_sum = 0.0
+                for start in range(0, p, size):
+                    chunk = slice(start, min(p, start + size))
+                    denoise, attention = self.forward(items[chunk], draws, chunk)
+                    self._backward((denoise + s.attention_weight * attention).sum() / p)
+                    denoise_sum += float(denoise.detach().sum())
+                    attention_sum += float(attention.detach().sum())
+                break
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.micro_batch = max(1, size // 2)
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+        con = 0.0
+        if self._with_contrastive():
+            loss = self.contrastive()
+            self._backward(s.contrastive_weight * loss)
+            con = float(loss.detach())
+        self._optimizer_step()
+        return self._summary(denoise_sum / p, attention_sum / p, con)
+
+    def reference_step(self, items, draws) -> dict[str, float]:
+        s = self.s
+        denoise_sum = attention_sum = con_sum = 0.0
+        for k, item in enumerate(items):
+            denoise, attention = self.forward([item], draws, slice(k, k + 1))
+            loss = denoise.sum() + s.attention_weight * attention.sum()
+            if self._with_contrastive():
+                con = self.contrastive()
+                loss = loss + s.contrastive_weight * con
+                con_sum += float(con.detach())
+            self._backward(loss)
+            self._optimizer_step()
+            denoise_sum += float(denoise.detach().sum())
+            attention_sum += float(attention.detach().sum())
+        p = len(items)
+        return self._summary(denoise_sum / p, attention_sum / p, con_sum / p)
+
+    def _summary(self, denoise, attention, con) -> dict[str, float]:
+        s = self.s
+        loss = denoise + s.attention_weight * attention + (s.contrastive_weight * con if self._with_contrastive() else 0.0)
+        return {"loss": loss, "denoise": denoise, "attention": attention, "contrastive": con}
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        return run_fingerprint(self.backend.info, self.concepts, self.s)
+
+    def save_checkpoint(self, path: Path) -> None:
+        from .fileio import save_tensors
+
+        tensors = {f"vector.{e}": v.detach() for e, v in enumerate(self.vectors)}
+        tensors["generator"] = self.generator.get_state()
+        for e, v in enumerate(self.vectors):
+            state = self.optimizer.state.get(v, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    tensors[f"adam.{e}.{key}"] = state[key]
+        steps = {e: float(self.optimizer.state[v]["step"]) for e, v in enumerate(self.vectors) if v in self.optimizer.state}
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "merged": self.merged, "adam_steps": steps,
+                "history": self.history, "fingerprint": self.fingerprint(), "micro_batch": self.micro_batch}
+        save_tensors(path, tensors, meta)
+
+    def load_checkpoint(self, path: Path) -> bool:
+        from .fileio import load_tensors
+
+        tensors, meta = load_tensors(path, expected_format=CHECKPOINT_FORMAT)
+        if meta.get("fingerprint") != self.fingerprint():
+            return False
+        with torch.no_grad():
+            for e, v in enumerate(self.vectors):
+                v.copy_(tensors[f"vector.{e}"].to(v))
+        for e, v in enumerate(self.vectors):
+            if f"adam.{e}.exp_avg" in tensors:
+                self.optimizer.state[v] = {
+                    "step": torch.tensor(meta["adam_steps"][str(e)]),
+                    "exp_avg": tensors[f"adam.{e}.exp_avg"].to(v),
+                    "exp_avg_sq": tensors[f"adam.{e}.exp_avg_sq"].to(v),
+                }
+        self.generator.set_state(tensors["generator"])
+        self.step, self.merged, self.history = meta["step"], meta["merged"], meta["history"]
+        return True
+
+
+def run_fingerprint(info, concepts: Concepts, settings: TrainSettings) -> str:
+    """What identifies a training run: its trajectory settings, its concepts and the model family it runs on."""
+    h = hashlib.sha256()
+    h.update(settings.trajectory_key().encode())
+    h.update(concepts.masks.cpu().numpy().tobytes())
+    h.update(concepts.features.float().cpu().numpy().tobytes())
+    h.update(json.dumps([info.family, list(info.widths), info.prediction_type]).encode())
+    return h.hexdigest()
+
+
+ProgressCallback = Callable[[int, int, dict], None]
+
+
+def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | None = None, *,
+                         names: list[str] | None = None, progress: ProgressCallback | None = None,
+                         should_stop: Callable[[], bool] | None = None,
+                         checkpoint: str | os.PathLike | None = None, resume: bool = True) -> ConceptTokens:
+    """Learn one token per concept. See the module docstring.
+
+    ``progress(step, total, losses)`` is called after every step; ``should_stop()`` is polled before every step and
+    raises ``TrainingCancelled``. With ``checkpoint`` a file path, a matching checkpoint there is resumed (when
+    ``resume``) and progress is saved every ``checkpoint_every`` steps and whenever the run is stopped between
+    steps (cancelled, or an exception raised by ``progress``).
+    """
+    settings = settings or TrainSettings()
+    settings.validate()
+    if len(concepts) == 0:
+        raise ConceptExpressError("there are no concepts to learn; localization found none")
+    started = time.perf_counter()
+    run = _Run(backend, concepts, settings)
+    if settings.gradient_checkpointing and hasattr(backend, "unet"):
+        backend.unet.enable_gradient_checkpointing()
+    path = Path(checkpoint) if checkpoint else None
+    if path is not None and resume and path.is_file() and run.load_checkpoint(path):
+        if progress is not None:
+            progress(run.step, settings.steps, {"resumed": run.step})
+    at_step_boundary = True  # the state is a consistent "after step run.step" state that a checkpoint can hold
+    try:
+        with torch.enable_grad():
+            while run.step < settings.steps:
+                if should_stop is not None and should_stop():
+                    raise TrainingCancelled(f"training cancelled before step {run.step + 1} of {settings.steps}")
+                at_step_boundary = False
+                if not run.merged and run.step >= settings.merge_step:
+                    run.merge()
+                items = run.items()
+                draws = run.draw(len(items))
+                try:
+                    if settings.update == "batched":
+                        losses = run.batched_step(items, draws)
+                    else:
+                        losses = run.reference_step(items, draws)
+                except FloatingPointError:
+                    raise ConceptExpressError(
+                        f"training diverged at step {run.step + 1}: the loss is not a finite number. "
+                        + ("The last good state is in the checkpoint. " if path else "")
+                        + "Try a lower learning rate, float32 weights (--dtype float32), or a different seed."
+                    ) from None
+                for key in run.history:
+                    run.history[key].append(losses[key])
+                run.step += 1
+                at_step_boundary = True
+                if path is not None and settings.checkpoint_every and run.step % settings.checkpoint_every == 0:
+                    run.save_checkpoint(path)
+                if progress is not None:
+                    progress(run.step, settings.steps, losses)  # may raise the host's interrupt (ComfyUI's Cancel)
+    except BaseException:
+        if path is not None and at_step_boundary and run.step > 0:
+            run.save_checkpoint(path)  # cancelled or interrupted between steps: resumable
+        raise
+    finally:
+        if settings.gradient_checkpointing and hasattr(backend, "unet"):
+            backend.unet.disable_gradient_checkpointing()
+    if not run.merged:
+        run.merge()
+    meta = {"settings": asdict(settings), "steps": run.step, "seconds": round(time.perf_counter() - started, 2),
+            "fingerprint": run.fingerprint(),
+            "model": asdict(backend.info), "localization": concepts.info, "cross_grid": list(run.cross_grid or [])}
+    names = names or [f"concept_{i + 1}" for i in range(run.n)]
+    if len(names) != run.n:
+        raise ConceptExpressError(f"{len(names)} names for {run.n} concepts")
+    return ConceptTokens(
+        vectors=[v.detach()[: run.n].float().cpu().clone() for v in run.vectors],
+        encoder_keys=[e.key for e in backend.info.text_encoders],
+        family=backend.info.family, names=names, masks=concepts.masks.clone(), image=concepts.image.clone(),
+        history=run.history, info=meta,
+    )
