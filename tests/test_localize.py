@@ -273,7 +273,7 @@ def test_outputs_save_load_and_overlay(tmp_path):
     path = concepts.save(tmp_path / "concepts.safetensors")
     back = Concepts.load(path)
     assert torch.equal(back.masks, concepts.masks) and torch.equal(back.features, concepts.features)
-    assert back.info["levels"] == concepts.info["levels"] and back.info["attention"] == {"test": 1}
+    assert back.info["levels"] == concepts.info["levels"] and back.info["test"] == 1
     assert set(back.info["timings_s"]) >= {"pre_clustering", "post_clustering"}
     assert all(math.isfinite(v) for v in back.info["timings_s"].values())
     picture = concepts.overlay()
@@ -285,3 +285,18 @@ def test_outputs_save_load_and_overlay(tmp_path):
         inside = pixels[mask.numpy()]
         distance = np.abs(inside - np.array(PALETTE[i % len(PALETTE)])).sum(1)
         assert (distance == 0).any()  # the outline is drawn in the concept's colour
+
+
+def test_captured_attention_localizes_and_masks_map_back_to_the_source(sd1_backend, example_image):
+    """Stage 1 -> stage 2 on a real (random-weight) capture: the provenance reaches Concepts.info, so the masks map
+    back onto the user's image."""
+    from PIL import Image
+
+    from concept_express.uce_core.attention import capture_attention
+
+    maps = capture_attention(sd1_backend, example_image)
+    concepts = localize_concepts(maps)
+    check_outputs(concepts, maps.grid)
+    assert concepts.info["model"] == maps.info["model"]
+    width, height = Image.open(example_image).size
+    assert tuple(concepts.masks_on_source().shape) == (len(concepts), height, width)

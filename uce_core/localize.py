@@ -170,7 +170,7 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
     clock.lap("outputs")
 
     info = {
-        "stage": "localization",
+        **maps.info,  # provenance of the attention (model, image size, crop: Concepts.masks_on_source uses it)
         "levels": hierarchy.counts,
         "chosen_level": choice.index,
         "level_rule": choice.rule,
@@ -182,7 +182,6 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
         "small_regions": small,
         "settings": dataclasses.asdict(settings),
         "timings_s": clock.laps,
-        "attention": maps.info,
     }
     return Concepts(masks_of(concept_cells, num_concepts, grid).cpu(), features.float().cpu(), scores.float().cpu(),
                     grid, maps.image, info)
