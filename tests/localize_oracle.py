@@ -44,12 +44,9 @@ def adjacency(kappa: np.ndarray) -> np.ndarray:
 
 
 def canonical(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered in order of first occurrence."""
-    _, first = np.unique(labels, return_index=True)
-    order = np.argsort(first)
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return rank[np.unique(labels, return_inverse=True)[1]]
+    """Labels renumbered 0, 1, ... in order of first occurrence (a cluster's number is the rank of its first point)."""
+    number = {}
+    return np.array([number.setdefault(label, len(number)) for label in labels.tolist()], dtype=np.int64)
 
 
 def components(adj: np.ndarray) -> np.ndarray:
