@@ -148,6 +148,16 @@ def test_eot_filter_is_strict_and_nothing_passing_is_a_clear_error():
         localize_concepts(maps)
 
 
+def test_all_background_is_a_clear_error():
+    """No object: the EOT map has no salient region (flat), so eq. 5 cannot keep anything."""
+    maps, _, _ = scene(2, objects=())
+    background = AttentionMaps(maps.self_attention, torch.full_like(maps.eot, 0.1), maps.grid, maps.image)
+    with pytest.raises(ConceptExpressError, match="constant"):
+        localize_concepts(background)
+    # A noisy EOT map always has a region above its mean (eq. 5 is relative), so that is not an error.
+    check_outputs(localize_concepts(maps), maps.grid)
+
+
 def test_a_constant_eot_map_is_a_clear_error():
     maps, _, _ = scene(2)
     flat = AttentionMaps(maps.self_attention, torch.full_like(maps.eot, 0.3), maps.grid, maps.image)

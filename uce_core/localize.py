@@ -29,6 +29,7 @@ from .regions import areas, eot_scores, masks_of, region_means, relabel, touchin
 DELTAS = ("reference", "paper")
 FEATURES = ("reference", "paper")
 SMALL_REGIONS = ("drop", "merge")
+FLAT_EOT = 1e-5  # an EOT map whose range is below this fraction of its magnitude counts as constant
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ def normalised_eot(maps: AttentionMaps, device: torch.device) -> torch.Tensor:
     """The EOT map bilinearly upsampled to the grid and min-max normalised to [0, 1] (reference-spec 1.7)."""
     eot = torch.nan_to_num(maps.eot_on_grid().to(device), nan=0.0, posinf=0.0, neginf=0.0)
     low, high = eot.min(), eot.max()
-    if not bool(high > low):
+    # A map constant up to rounding (e.g. a constant map after bilinear upsampling) would be stretched to [0, 1] by
+    # the normalisation, turning float noise into "salient" regions.
+    if not bool(high - low > FLAT_EOT * torch.maximum(high.abs(), low.abs())):
         raise ConceptExpressError(
             "the end-of-text attention map is constant, so no region can be told apart from the background "
             "(eq. 5 needs a salient foreground). Check the attention capture (model, prompt, timestep) or the image.")
