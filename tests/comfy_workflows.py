@@ -225,3 +225,17 @@ def set_inputs(prompt: dict, class_type: str, **values) -> None:
     assert ids, f"no {class_type} in the prompt"
     for i in ids:
         prompt[i]["inputs"].update(values)
+
+
+def branch_nodes(workflow: dict, template: str) -> list[int]:
+    """The ComposeConceptPrompt with ``template`` and every node downstream of it (a sampling branch)."""
+    (start,) = [n["id"] for n in workflow["nodes"]
+                if n["type"] == "ComposeConceptPrompt" and n["widgets_values"][0] == template]
+    found, frontier = [start], [start]
+    while frontier:
+        current = frontier.pop()
+        for _, source, _, target, _, _ in workflow["links"]:
+            if source == current and target not in found:
+                found.append(target)
+                frontier.append(target)
+    return found
