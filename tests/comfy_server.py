@@ -9,6 +9,7 @@ is killed; the fixture that starts it always stops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -265,15 +266,18 @@ def artifacts_dir(tmp_path_factory) -> Path:
     return path
 
 
-def start_test_server(tmp_path_factory, name: str, checkpoints=("sd15",)) -> ComfyServer:
-    """A started server with the test checkpoints and ComfyUI's example image (what the shipped workflow loads)."""
+@contextlib.contextmanager
+def running_server(tmp_path_factory, name: str, checkpoints=("sd15",)):
+    """A started server with the test checkpoints and ComfyUI's example image (what the shipped workflow loads);
+    stopped on exit, its log kept in the artifacts as ``<name>-server.log``."""
     comfyui = comfyui_path()
-    server = ComfyServer(comfyui, tmp_path_factory.mktemp(name))
+    server = ComfyServer(comfyui, tmp_path_factory.mktemp(f"comfyui-{name}"))
     for kind in checkpoints:
         server.add_checkpoint(ensure_checkpoint(kind))
     shutil.copy(comfyui / "input" / "example.png", server.input / "example.png")
-    return server.start()
-
-
-def keep_log(server: ComfyServer, tmp_path_factory, name: str) -> None:
-    shutil.copy(server.log_path, artifacts_dir(tmp_path_factory) / f"{name}-server.log")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        if server.log_path.exists():
+            shutil.copy(server.log_path, artifacts_dir(tmp_path_factory) / f"{name}-server.log")

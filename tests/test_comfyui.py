@@ -13,7 +13,7 @@ import comfy_workflows as cw
 from comfy_checks import (assert_clear_error, assert_embeddings_found, describe, embedding_files, png_size,
                           run_logged)
 from comfy_checks import shipped as shipped_workflow
-from comfy_server import PACK_NAME, comfyui_path, ensure_instruct_pix2pix_unet, keep_log, start_test_server
+from comfy_server import PACK_NAME, comfyui_path, ensure_instruct_pix2pix_unet, running_server
 from concept_express.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
@@ -32,12 +32,8 @@ SMALL = {"CaptureAttention": {"resolution": RESOLUTION},
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_test_server(tmp_path_factory, "comfyui-sd15")
-    try:
+    with running_server(tmp_path_factory, "sd15") as server:
         yield server
-    finally:
-        server.stop()
-        keep_log(server, tmp_path_factory, "sd15")
 
 
 @pytest.fixture(scope="module")

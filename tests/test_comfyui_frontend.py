@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 import comfy_workflows as cw
-from comfy_server import PACK_NAME, artifacts_dir, comfyui_path, keep_log, start_test_server
+from comfy_server import PACK_NAME, artifacts_dir, comfyui_path, running_server
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(comfyui_path() is None,
@@ -27,12 +27,8 @@ HARMLESS = ("Failed to load resource", "ERR_NAME_NOT_RESOLVED", "ERR_INTERNET_DI
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_test_server(tmp_path_factory, "comfyui-frontend", checkpoints=())
-    try:
+    with running_server(tmp_path_factory, "frontend", checkpoints=()) as server:
         yield server
-    finally:
-        server.stop()
-        keep_log(server, tmp_path_factory, "frontend")
 
 
 @pytest.fixture(scope="module")

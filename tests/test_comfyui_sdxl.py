@@ -10,7 +10,7 @@ import pytest
 
 import comfy_workflows as cw
 from comfy_checks import assert_clear_error, assert_embeddings_found, describe, png_size, run_logged, shipped
-from comfy_server import comfyui_path, keep_log, start_test_server
+from comfy_server import comfyui_path, running_server
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(comfyui_path() is None,
@@ -29,12 +29,8 @@ SMALL = {"CaptureAttention": {"resolution": 256},
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_test_server(tmp_path_factory, "comfyui-sdxl", checkpoints=("sdxl", "sd15"))
-    try:
+    with running_server(tmp_path_factory, "sdxl", checkpoints=("sdxl", "sd15")) as server:
         yield server
-    finally:
-        server.stop()
-        keep_log(server, tmp_path_factory, "sdxl")
 
 
 def test_sdxl_model_with_another_checkpoints_clip_is_a_clear_error(server):
