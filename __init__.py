@@ -13,7 +13,10 @@ in a ComfyUI server.
 
 __version__ = "0.1.0"
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402  (no ComfyUI import happens here)
+if __package__:  # imported as a package: by ComfyUI, or as concept_express
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402  (no ComfyUI import happens here)
+# else: pytest imports this file on its own (no parent package) when the checkout's folder name is not a Python
+# name, e.g. a clone named comfyui-concept-express; there is nothing to export then.
 
 WEB_DIRECTORY = None
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .comfy_io import CATEGORY, Progress, checkpoint_path, embeddings_root, image_to_comfy, interrupted, raise_interrupt
+from .comfy_io import (CATEGORY, Progress, cancel_between_steps, checkpoint_path, embeddings_root, image_to_comfy,
+                       interrupted, raise_interrupt)
 
 
 class TrainConceptTokens:
@@ -96,8 +97,9 @@ class TrainConceptTokens:
             prepare_for_training(model.model, clip.cond_stage_model)
             checkpoint = checkpoint_path(prefix)
             try:
-                tokens = train_concept_tokens(backend, concepts, settings, progress=Progress(steps),
-                                              should_stop=interrupted, checkpoint=checkpoint)
+                with cancel_between_steps():
+                    tokens = train_concept_tokens(backend, concepts, settings, progress=Progress(steps),
+                                                  should_stop=interrupted, checkpoint=checkpoint)
             except TrainingCancelled:
                 raise_interrupt()
             result = export_tokens(tokens, folder, prefix=prefix, overwrite=overwrite)

@@ -1,0 +1,222 @@
+"""The shipped ComfyUI workflows, without ComfyUI: valid UI-format JSON whose node types, widget values and links
+match our node declarations and the stock ComfyUI nodes listed in comfy_workflows.STOCK_NODES, and that run as
+shipped for any number of concepts."""
+
+import re
+import struct
+
+import pytest
+
+import comfy_workflows as cw
+from concept_express.nodes import NODE_CLASS_MAPPINGS
+from concept_express.nodes.compose import compose_text
+
+DECLARATIONS = {**cw.STOCK_NODES, **cw.our_declarations()}
+TOP_LEVEL = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"}
+
+
+@pytest.fixture(params=cw.WORKFLOW_NAMES)
+def workflow(request):
+    return request.param, cw.load(request.param)
+
+
+def test_only_the_two_workflows_and_their_thumbnails_are_shipped():
+    files = sorted(p.name for p in cw.WORKFLOWS.iterdir())
+    assert files == sorted([f"{n}.json" for n in cw.WORKFLOW_NAMES] + [f"{n}.jpg" for n in cw.WORKFLOW_NAMES])
+
+
+@pytest.mark.parametrize("name", cw.WORKFLOW_NAMES)
+def test_thumbnail_is_a_small_jpeg(name):
+    data = (cw.WORKFLOWS / f"{name}.jpg").read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9", "not a JPEG"
+    assert len(data) < 200_000
+    # frame header: a real picture, landscape like the Templates dialog's cards
+    i = 2
+    while i < len(data):
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2):
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            break
+        i += 2 + length
+    assert 300 <= width <= 2000 and 200 <= height <= width
+
+
+def test_ui_format_structure(workflow):
+    name, wf = workflow
+    assert set(wf) == TOP_LEVEL
+    assert isinstance(wf["version"], (int, float)) and wf["version"] >= 0.4
+    assert re.fullmatch(r"[0-9a-f-]{36}", wf["id"])
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)) and wf["last_node_id"] >= max(ids)
+    link_ids = [link[0] for link in wf["links"]]
+    assert len(link_ids) == len(set(link_ids)) and wf["last_link_id"] >= max(link_ids)
+    for node in wf["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties"} <= set(node), node["id"]
+        assert node["mode"] in (cw.MODE_ALWAYS, cw.MODE_NEVER), "only enabled and muted nodes (no bypass)"
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2
+    for group in wf["groups"]:
+        assert group["title"] and len(group["bounding"]) == 4
+
+
+def test_every_node_is_ours_or_a_listed_stock_node(workflow):
+    name, wf = workflow
+    types = {n["type"] for n in wf["nodes"]}
+    unknown = types - set(NODE_CLASS_MAPPINGS) - set(cw.STOCK_NODES) - cw.FRONTEND_ONLY
+    assert not unknown
+    assert types & set(NODE_CLASS_MAPPINGS), "the workflow uses none of our nodes"
+    # no stock node listed for nothing (the list is what the real-ComfyUI tests check against the server)
+    used_stock = {t for w in cw.WORKFLOW_NAMES for t in (n["type"] for n in cw.load(w)["nodes"])} & set(cw.STOCK_NODES)
+    assert used_stock == set(cw.STOCK_NODES)
+
+
+def test_widget_values_match_the_declarations(workflow):
+    name, wf = workflow
+    for node in wf["nodes"]:
+        if node["type"] in cw.FRONTEND_ONLY:
+            assert isinstance(node["widgets_values"][0], str) and node["widgets_values"][0].strip()
+            continue
+        where = f"{name}: node {node['id']} ({node['type']})"
+        slots = cw.widget_slots(DECLARATIONS[node["type"]])
+        values = node.get("widgets_values") or []
+        assert len(values) == len(slots), f"{where}: {len(values)} widget values for {[s.input for s in slots]}"
+        for slot, value in zip(slots, values):
+            if slot.kind == "control_after_generate":
+                assert value in cw.CONTROL_VALUES, f"{where}: {slot.input} control {value!r}"
+            elif slot.kind == "upload":
+                assert value == "image", where
+            else:
+                problem = cw.check_value(slot.spec, value)
+                assert problem is None, f"{where}: {slot.input}: {problem}"
+
+
+def test_control_after_generate_follows_every_seed(workflow):
+    name, wf = workflow
+    for node in wf["nodes"]:
+        if node["type"] in cw.FRONTEND_ONLY:
+            continue
+        slots = cw.widget_slots(DECLARATIONS[node["type"]])
+        for i, slot in enumerate(slots):
+            spec = slot.spec
+            if slot.kind == "value" and slot.input == "seed":
+                assert cw.input_kind(spec) == "INT"
+                assert slots[i + 1].kind == "control_after_generate" and slots[i + 1].input == "seed"
+
+
+def test_training_seed_is_fixed_so_requeueing_reuses_the_tokens():
+    """With "randomize" the frontend would change the seed after every queue, so every run would train again (and
+    then refuse to overwrite the first run's embeddings)."""
+    wf = cw.load("extract")
+    (train,) = [n for n in wf["nodes"] if n["type"] == "TrainConceptTokens"]
+    slots = cw.widget_slots(DECLARATIONS["TrainConceptTokens"])
+    control = [v for s, v in zip(slots, train["widgets_values"]) if s.kind == "control_after_generate"]
+    assert control == ["fixed"]
+
+
+def test_our_nodes_ship_with_their_documented_defaults():
+    """Shipped settings are the node defaults (the paper's), except where the workflow says otherwise."""
+    for name in cw.WORKFLOW_NAMES:
+        for node in cw.load(name)["nodes"]:
+            if node["type"] not in NODE_CLASS_MAPPINGS or node["type"] in ("ComposeConceptPrompt", "LoadConceptTokens"):
+                continue
+            for slot, value in zip(cw.widget_slots(DECLARATIONS[node["type"]]), node["widgets_values"]):
+                if slot.kind == "value":
+                    assert value == slot.spec[1]["default"], (name, node["type"], slot.input)
+
+
+def test_links_are_consistent_and_type_correct(workflow):
+    name, wf = workflow
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, source, slot, target, target_slot, kind in wf["links"]:
+        src, dst = nodes[source], nodes[target]
+        declared_outputs = DECLARATIONS[src["type"]]["output"]
+        assert declared_outputs[slot] == kind, (link_id, src["type"], slot, kind)
+        assert src["outputs"][slot]["type"] == kind and link_id in src["outputs"][slot]["links"]
+        entry = dst["inputs"][target_slot]
+        assert entry["link"] == link_id, (link_id, dst["type"], entry)
+        declared = dict(cw.declared_inputs(DECLARATIONS[dst["type"]]))
+        assert entry["name"] in declared, (dst["type"], entry["name"])
+        accepted = cw.input_kind(declared[entry["name"]])
+        assert accepted in (kind, "*"), f"{name}: link {link_id} {kind} -> {dst['type']}.{entry['name']} ({accepted})"
+        assert entry["type"] == accepted
+    # every link listed by a node is in the link table, and outputs are declared in order
+    table = cw.link_table(wf)
+    for node in wf["nodes"]:
+        for entry in node.get("inputs", []):
+            assert entry.get("link") is None or entry["link"] in table
+        if node["type"] in cw.FRONTEND_ONLY:
+            continue
+        assert [o["type"] for o in node.get("outputs", [])] == list(DECLARATIONS[node["type"]]["output"])
+        for output in node.get("outputs", []):
+            assert all(table[i][1] == node["id"] for i in output.get("links") or [])
+
+
+def test_enabled_nodes_have_all_required_inputs(workflow):
+    """What the server's validation would reject: a required non-widget input left open on a node that runs, or fed
+    by a muted node."""
+    name, wf = workflow
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    table = cw.link_table(wf)
+    for node in wf["nodes"]:
+        if node["type"] in cw.FRONTEND_ONLY or node["mode"] == cw.MODE_NEVER:
+            continue
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for input_name, spec in DECLARATIONS[node["type"]]["input"]["required"].items():
+            if cw.is_widget(spec):
+                continue
+            assert input_name in linked, f"{name}: {node['type']} {node['id']}.{input_name} is not connected"
+            assert nodes[table[linked[input_name]][1]]["mode"] == cw.MODE_ALWAYS, (name, node["id"], input_name)
+
+
+def test_api_conversion_names_every_widget_value():
+    prompt = cw.to_api(cw.load("extract"), DECLARATIONS)
+    (train,) = cw.nodes_of(prompt, "TrainConceptTokens")
+    inputs = prompt[train]["inputs"]
+    assert inputs["steps"] == 500 and inputs["seed"] == 20 and inputs["update"] == "batched"
+    assert "control_after_generate" not in inputs
+    assert inputs["concepts"][1] == 0 and prompt[inputs["concepts"][0]]["class_type"] == "LocalizeConcepts"
+    assert not any(v["class_type"] in cw.FRONTEND_ONLY for v in prompt.values())
+
+
+def _templates(wf, enabled):
+    return [n["widgets_values"][0] for n in wf["nodes"]
+            if n["type"] == "ComposeConceptPrompt" and (n["mode"] == cw.MODE_ALWAYS) == enabled]
+
+
+@pytest.mark.parametrize("concepts", [1, 2, 5])
+def test_shipped_extract_runs_for_any_number_of_concepts(concepts):
+    """The number of concepts is only known after localization (at least one). Enabled Compose nodes may only use
+    {1} and {all}; the muted per-concept branches use {2}, {3}, ... one each."""
+    wf = cw.load("extract")
+    names = [f"concept/concept_{i + 1}" for i in range(concepts)]
+    enabled = _templates(wf, True)
+    assert any("{all}" in t for t in enabled) and any("{1}" in t for t in enabled)
+    for template in enabled:
+        assert "embedding:concept/concept_1" in compose_text(template, names)
+    muted = _templates(wf, False)
+    assert sorted(muted) == [f"a photo of {{{k}}}" for k in range(2, len(muted) + 2)]
+    # each muted branch is a complete sampler chain that ends in a Save Image
+    muted_types = sorted(n["type"] for n in wf["nodes"] if n["mode"] == cw.MODE_NEVER)
+    assert muted_types == sorted(["ComposeConceptPrompt", "KSampler", "VAEDecode", "SaveImage"] * len(muted))
+
+
+def test_extract_previews_every_intermediate_result():
+    wf = cw.load("extract")
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    shown = set()
+    for _, source, slot, target, _, kind in wf["links"]:
+        if nodes[target]["type"] in ("PreviewImage", "SaveImage", "MaskToImage"):
+            shown.add((nodes[source]["type"], slot))
+    assert {("CaptureAttention", 1), ("LocalizeConcepts", 1), ("LocalizeConcepts", 2), ("TrainConceptTokens", 2)} <= shown
+    save_prefixes = sorted(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveImage")
+    assert save_prefixes == ["ConceptExpress/composition", "ConceptExpress/concept_1", "ConceptExpress/concept_2",
+                             "ConceptExpress/concept_3"]
+
+
+def test_reuse_loads_the_set_the_extract_workflow_writes():
+    extract, reuse = cw.load("extract"), cw.load("reuse")
+    (train,) = [n for n in extract["nodes"] if n["type"] == "TrainConceptTokens"]
+    slots = cw.widget_slots(DECLARATIONS["TrainConceptTokens"])
+    prefix = dict((s.input, v) for s, v in zip(slots, train["widgets_values"]) if s.kind == "value")["name_prefix"]
+    (loader,) = [n for n in reuse["nodes"] if n["type"] == "LoadConceptTokens"]
+    assert loader["widgets_values"] == [prefix]
+    assert not [n for n in reuse["nodes"] if n["type"] in ("TrainConceptTokens", "CaptureAttention")]
