@@ -3,7 +3,6 @@ cancellation. ComfyUI modules are imported inside the functions, so declaring th
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -78,21 +77,3 @@ def raise_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
     raise comfy.model_management.InterruptProcessingException()
 
-
-@contextlib.contextmanager
-def cancel_between_steps():
-    """ComfyUI checks for Cancel inside every layer (``comfy.ops.run_every_op``), which would stop training in the
-    middle of a step, where no consistent state exists to checkpoint. While training, the check is left to the step
-    boundaries (the progress bar after each step and ``should_stop`` before each), so Cancel still stops within one
-    step and always leaves a resumable checkpoint. Restored on exit."""
-    import comfy.ops
-
-    original = getattr(comfy.ops, "run_every_op", None)
-    if original is None:
-        yield
-        return
-    comfy.ops.run_every_op = lambda: None
-    try:
-        yield
-    finally:
-        comfy.ops.run_every_op = original

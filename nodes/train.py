@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .comfy_io import (CATEGORY, Progress, cancel_between_steps, checkpoint_path, embeddings_root, image_to_comfy,
-                       interrupted, raise_interrupt)
+from .comfy_io import CATEGORY, Progress, checkpoint_path, embeddings_root, image_to_comfy, interrupted, raise_interrupt
 
 
 class TrainConceptTokens:
@@ -41,7 +40,9 @@ class TrainConceptTokens:
                 "attention_weight": ("FLOAT", {"default": 1e-5, "min": 0.0, "max": 10.0, "step": 1e-6, "round": False,
                                                "tooltip": "beta, weight of the attention alignment (EMD) loss"}),
                 "name_prefix": ("STRING", {"default": "concept", "tooltip": "embeddings are saved as <prefix>/<prefix>_1, ..."}),
-                "seed": ("INT", {"default": 20, "min": 0, "max": 0xFFFFFFFF, "tooltip": "seed (the official run's 20)"}),
+                # no "control after generate" widget: a seed the frontend randomises would retrain on every queue
+                "seed": ("INT", {"default": 20, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "seed (the official run's 20)"}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace embeddings already saved under this prefix"}),
             },
             "optional": {
@@ -97,9 +98,8 @@ class TrainConceptTokens:
             prepare_for_training(model.model, clip.cond_stage_model)
             checkpoint = checkpoint_path(prefix)
             try:
-                with cancel_between_steps():
-                    tokens = train_concept_tokens(backend, concepts, settings, progress=Progress(steps),
-                                                  should_stop=interrupted, checkpoint=checkpoint)
+                tokens = train_concept_tokens(backend, concepts, settings, progress=Progress(steps),
+                                              should_stop=interrupted, checkpoint=checkpoint)
             except TrainingCancelled:
                 raise_interrupt()
             result = export_tokens(tokens, folder, prefix=prefix, overwrite=overwrite)

@@ -77,8 +77,12 @@ def test_round_trip_through_the_export_folder(concepts_for, tmp_path):
     for a, b in zip(back.vectors, tokens.vectors):
         assert torch.equal(a, b)
     assert torch.equal(back.masks, tokens.masks) and torch.equal(back.image, tokens.image)
-    for extra in ("concepts.png", "loss.png", MANIFEST, "stilllife_1_mask.png"):
+    for extra in ("concepts.png", "loss.png", MANIFEST, "stilllife_1_mask.png", "image.png"):
         assert (tmp_path / extra).stat().st_size > 0
+    # ComfyUI lists every file with an embedding extension as an embedding: only the concepts may have one
+    embedding_like = [p.name for p in tmp_path.iterdir()
+                      if p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".pth", ".pt2", ".pkl", ".sft")]
+    assert sorted(embedding_like) == [f"{n}.safetensors" for n in result.names]
 
 
 def test_existing_files_are_never_replaced_unless_asked(concepts_for, tmp_path):

@@ -145,6 +145,34 @@ def test_resume_continues_the_same_trajectory(concepts_for, tmp_path):
     assert resumed.history == straight.history
 
 
+def test_an_interruption_in_the_middle_of_a_step_leaves_the_last_completed_step(concepts_for, tmp_path, monkeypatch):
+    """ComfyUI checks for Cancel inside every layer, so its interrupt can arrive in the middle of a step."""
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    settings = TrainSettings(**FAST, checkpoint_every=0)
+    path = tmp_path / "ckpt.safetensors"
+    calls, original = {"n": 0}, backend.predict
+
+    class LayerInterrupt(Exception):
+        pass
+
+    def interrupted_during_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the probe call, then one call per step
+            raise LayerInterrupt
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(backend, "predict", interrupted_during_step_5)
+        with pytest.raises(LayerInterrupt):
+            train_concept_tokens(backend, concepts, settings, checkpoint=path)
+    from concept_express.uce_core.fileio import load_tensors
+
+    assert load_tensors(path)[1]["step"] == 4
+    resumed = train_concept_tokens(backend, concepts, settings, checkpoint=path)
+    straight = train_concept_tokens(backend, concepts, settings)
+    assert torch.equal(resumed.vectors[0], straight.vectors[0]) and resumed.history == straight.history
+
+
 def test_checkpoint_of_another_run_is_not_resumed(concepts_for, tmp_path):
     backend, concepts = concepts_for("tiny-sd1", 2)
     path = tmp_path / "run.ckpt.safetensors"

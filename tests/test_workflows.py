@@ -89,27 +89,33 @@ def test_widget_values_match_the_declarations(workflow):
                 assert problem is None, f"{where}: {slot.input}: {problem}"
 
 
-def test_control_after_generate_follows_every_seed(workflow):
+def test_control_after_generate_follows_every_seed_that_asks_for_one(workflow):
+    """The frontend adds the control widget after INT inputs named seed/noise_seed unless the declaration says
+    control_after_generate: false (it reads the option with ??, so an explicit false wins)."""
     name, wf = workflow
     for node in wf["nodes"]:
         if node["type"] in cw.FRONTEND_ONLY:
             continue
-        slots = cw.widget_slots(DECLARATIONS[node["type"]])
+        declaration = DECLARATIONS[node["type"]]
+        slots = cw.widget_slots(declaration)
         for i, slot in enumerate(slots):
             spec = slot.spec
             if slot.kind == "value" and slot.input == "seed":
                 assert cw.input_kind(spec) == "INT"
-                assert slots[i + 1].kind == "control_after_generate" and slots[i + 1].input == "seed"
+                wanted = spec[1].get("control_after_generate", True) if len(spec) > 1 else True
+                has_control = i + 1 < len(slots) and slots[i + 1].kind == "control_after_generate"
+                assert has_control == bool(wanted), (name, node["type"])
 
 
-def test_training_seed_is_fixed_so_requeueing_reuses_the_tokens():
+def test_training_seed_cannot_be_randomised_so_requeueing_reuses_the_tokens():
     """With "randomize" the frontend would change the seed after every queue, so every run would train again (and
-    then refuse to overwrite the first run's embeddings)."""
-    wf = cw.load("extract")
-    (train,) = [n for n in wf["nodes"] if n["type"] == "TrainConceptTokens"]
+    then refuse to overwrite the first run's embeddings). The node declares no control widget for its seed."""
+    seed = DECLARATIONS["TrainConceptTokens"]["input"]["required"]["seed"]
+    assert seed[1]["control_after_generate"] is False
     slots = cw.widget_slots(DECLARATIONS["TrainConceptTokens"])
-    control = [v for s, v in zip(slots, train["widgets_values"]) if s.kind == "control_after_generate"]
-    assert control == ["fixed"]
+    assert [s.kind for s in slots].count("control_after_generate") == 0
+    (train,) = [n for n in cw.load("extract")["nodes"] if n["type"] == "TrainConceptTokens"]
+    assert len(train["widgets_values"]) == len(slots)
 
 
 def test_our_nodes_ship_with_their_documented_defaults():

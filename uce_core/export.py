@@ -8,9 +8,10 @@ One ``<name>.safetensors`` per concept:
   diffusers loads each key into its encoder (``load_textual_inversion(state_dict["clip_g"], token=...,
   text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)``).
 
-Plus ``manifest.json`` (names, files, model family, settings, steps, loss history, localization parameters), one
-``<name>_mask.png`` per concept, ``concepts.png`` (overlay), ``loss.png`` and ``concept-tokens.safetensors`` (the full
-record: vectors, latent masks, image, history), from which ``load_exported`` restores a concept set.
+Plus ``manifest.json`` (names, files, model family, latent grid, settings, steps, loss history, localization
+parameters), one ``<name>_mask.png`` per concept, ``image.png`` (the image as the model saw it), ``concepts.png``
+(overlay) and ``loss.png``. ``load_exported`` restores the whole concept set from these. Nothing else in the folder
+has an embedding file extension, so ComfyUI lists exactly the concepts as embeddings.
 
 Every file is written atomically (temporary name, then rename). Existing files are never replaced unless
 ``overwrite=True``; the check covers the whole set before anything is written, so a refused export writes
@@ -31,7 +32,7 @@ from .errors import ConceptExpressError
 from .tokens import ConceptTokens
 
 MANIFEST = "manifest.json"
-RECORD = "concept-tokens.safetensors"
+IMAGE = "image.png"
 MANIFEST_FORMAT = "concept-express/manifest/1"
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
@@ -68,7 +69,7 @@ def check_export_target(folder: Path, names: list[str], overwrite: bool) -> tupl
     folder = Path(folder)
     embeddings = [folder / f"{n}.safetensors" for n in names]
     masks = [folder / f"{n}_mask.png" for n in names]
-    others = [folder / RECORD, folder / "concepts.png", folder / "loss.png", folder / MANIFEST]
+    others = [folder / IMAGE, folder / "concepts.png", folder / "loss.png", folder / MANIFEST]
     if not overwrite:
         existing = [p for p in [*embeddings, *masks, *others] if p.exists()]
         if existing:
@@ -110,18 +111,20 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
     for i, path in enumerate(masks):
         picture = _mask_picture(tokens.masks[i], (height, width))
         write_atomic(path, lambda tmp, p=picture: p.save(tmp, format="PNG"), overwrite)
-    named = ConceptTokens(tokens.vectors, tokens.encoder_keys, tokens.family, names, tokens.masks, tokens.image,
-                          tokens.history, tokens.info)
-    named.save(folder / RECORD)  # the full record: vectors, latent masks, image, history, settings
-    write_atomic(folder / "concepts.png", lambda tmp: overlay(named).save(tmp, format="PNG"), overwrite)
+    from PIL import Image
+
+    picture = Image.fromarray(tokens.image.numpy())
+    write_atomic(folder / IMAGE, lambda tmp: picture.save(tmp, format="PNG"), overwrite)
+    write_atomic(folder / "concepts.png", lambda tmp: overlay(tokens).save(tmp, format="PNG"), overwrite)
     write_atomic(folder / "loss.png", lambda tmp: loss_curve(tokens.history).save(tmp, format="PNG"), overwrite)
     manifest = {
         "format": MANIFEST_FORMAT,
         "family": tokens.family,
         "encoders": tokens.encoder_keys,
+        "grid": list(tokens.masks.shape[1:]),
+        "image": IMAGE,
         "concepts": [{"name": n, "file": e.name, "mask": m.name, "original_name": o}
                      for n, e, m, o in zip(names, embeddings, masks, tokens.names)],
-        "record": RECORD,
         "history": tokens.history,
         "info": tokens.info,
         **(extra or {}),
@@ -147,8 +150,11 @@ def _mask_picture(mask: torch.Tensor, size: tuple[int, int]):
 
 
 def load_exported(folder: str | os.PathLike) -> ConceptTokens:
-    """Read an exported concept set: names from the manifest, vectors from the embedding files (exactly what
-    ComfyUI and diffusers would load), masks, image and history from the record."""
+    """Read an exported concept set: vectors from the embedding files (exactly what ComfyUI and diffusers load),
+    latent masks from the mask pictures (each grid cell is a block of pixels; its centre is read), the image, and
+    names, history and settings from the manifest."""
+    import numpy as np
+    from PIL import Image
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -161,21 +167,30 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
         raise ConceptExpressError(f"{path}: the manifest is not valid JSON.") from None
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ConceptExpressError(f"{path}: not a ConceptExpress manifest.")
-    root = path.parent
-    record = ConceptTokens.load(root / Path(manifest.get("record", RECORD)).name)
-    keys, family = manifest["encoders"], manifest["family"]
-    vectors: list[list[torch.Tensor]] = [[] for _ in keys]
-    for entry in manifest["concepts"]:
-        file = root / Path(entry["file"]).name
+    root, keys, family = path.parent, manifest["encoders"], manifest["family"]
+
+    def read(name):
+        file = root / Path(name).name  # names from the manifest never leave its folder
         try:
-            tensors = load_file(str(file))
+            if file.suffix == ".safetensors":
+                return load_file(str(file))
+            with Image.open(file) as im:
+                return np.asarray(im.convert("RGB" if name == manifest["image"] else "L"))
         except Exception as err:
             raise ConceptExpressError(f"{file}: cannot be read ({err}).") from None
+
+    image = read(manifest["image"])
+    h, w = manifest["grid"]
+    ys = ((np.arange(h) + 0.5) * image.shape[0] / h).astype(int)
+    xs = ((np.arange(w) + 0.5) * image.shape[1] / w).astype(int)
+    vectors: list[list[torch.Tensor]] = [[] for _ in keys]
+    masks = []
+    for entry in manifest["concepts"]:
+        tensors = read(entry["file"])
         values = [tensors[k] for k in keys] if family == "sdxl" else [tensors["emb_params"]]
         for e, value in enumerate(values):
             vectors[e].append(value.reshape(-1).float())
-    names = [c["name"] for c in manifest["concepts"]]
-    if names != record.names:
-        raise ConceptExpressError(f"{path}: the manifest and {RECORD} list different concepts.")
-    return ConceptTokens([torch.stack(v) for v in vectors], keys, family, names, record.masks, record.image,
-                         record.history, record.info)
+        masks.append(torch.from_numpy(read(entry["mask"])[np.ix_(ys, xs)] > 127))
+    return ConceptTokens([torch.stack(v) for v in vectors], keys, family, [c["name"] for c in manifest["concepts"]],
+                         torch.stack(masks), torch.from_numpy(image.copy()), manifest.get("history", {}),
+                         manifest.get("info", {}))

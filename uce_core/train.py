@@ -362,20 +362,28 @@ class _Run:
     def fingerprint(self) -> str:
         return run_fingerprint(self.backend.info, self.concepts, self.s)
 
-    def save_checkpoint(self, path: Path) -> None:
-        from .fileio import save_tensors
-
-        tensors = {f"vector.{e}": v.detach() for e, v in enumerate(self.vectors)}
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """A copy of everything a resumed run needs (vectors, AdamW state, generator, history): small, taken at every
+        step boundary so that a run stopped in the middle of a step can still be checkpointed consistently."""
+        tensors = {f"vector.{e}": v.detach().clone() for e, v in enumerate(self.vectors)}
         tensors["generator"] = self.generator.get_state()
+        steps = {}
         for e, v in enumerate(self.vectors):
             state = self.optimizer.state.get(v, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    tensors[f"adam.{e}.{key}"] = state[key]
-        steps = {e: float(self.optimizer.state[v]["step"]) for e, v in enumerate(self.vectors) if v in self.optimizer.state}
+                    tensors[f"adam.{e}.{key}"] = state[key].detach().clone()
+            if "step" in state:
+                steps[e] = float(state["step"])
         meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "merged": self.merged, "adam_steps": steps,
-                "history": self.history, "fingerprint": self.fingerprint(), "micro_batch": self.micro_batch}
-        save_tensors(path, tensors, meta)
+                "history": {k: list(v) for k, v in self.history.items()}, "fingerprint": self.fingerprint(),
+                "micro_batch": self.micro_batch}
+        return tensors, meta
+
+    def save_checkpoint(self, path: Path, state: tuple[dict, dict] | None = None) -> None:
+        from .fileio import save_tensors
+
+        save_tensors(path, *(state or self.state()))
 
     def load_checkpoint(self, path: Path) -> bool:
         from .fileio import load_tensors
@@ -419,8 +427,9 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
 
     ``progress(step, total, losses)`` is called after every step; ``should_stop()`` is polled before every step and
     raises ``TrainingCancelled``. With ``checkpoint`` a file path, a matching checkpoint there is resumed (when
-    ``resume``) and progress is saved every ``checkpoint_every`` steps and whenever the run is stopped between
-    steps (cancelled, or an exception raised by ``progress``).
+    ``resume``) and progress is saved every ``checkpoint_every`` steps and whenever the run stops early (cancelled,
+    diverged, or interrupted by any exception, even in the middle of a step: the state after the last completed
+    step is kept for that).
     """
     settings = settings or TrainSettings()
     settings.validate()
@@ -434,13 +443,12 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
     if path is not None and resume and path.is_file() and run.load_checkpoint(path):
         if progress is not None:
             progress(run.step, settings.steps, {"resumed": run.step})
-    at_step_boundary = True  # the state is a consistent "after step run.step" state that a checkpoint can hold
+    boundary = run.state() if path is not None else None  # the last consistent state, for a checkpoint
     try:
         with torch.enable_grad():
             while run.step < settings.steps:
                 if should_stop is not None and should_stop():
                     raise TrainingCancelled(f"training cancelled before step {run.step + 1} of {settings.steps}")
-                at_step_boundary = False
                 if not run.merged and run.step >= settings.merge_step:
                     run.merge()
                 items = run.items()
@@ -459,14 +467,15 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                 for key in run.history:
                     run.history[key].append(losses[key])
                 run.step += 1
-                at_step_boundary = True
-                if path is not None and settings.checkpoint_every and run.step % settings.checkpoint_every == 0:
-                    run.save_checkpoint(path)
+                if path is not None:
+                    boundary = run.state()
+                    if settings.checkpoint_every and run.step % settings.checkpoint_every == 0:
+                        run.save_checkpoint(path, boundary)
                 if progress is not None:
                     progress(run.step, settings.steps, losses)  # may raise the host's interrupt (ComfyUI's Cancel)
     except BaseException:
-        if path is not None and at_step_boundary and run.step > 0:
-            run.save_checkpoint(path)  # cancelled or interrupted between steps: resumable
+        if path is not None and boundary[1]["step"] > 0:
+            run.save_checkpoint(path, boundary)  # stopped anywhere, even mid-step: resumable from the last step
         raise
     finally:
         if settings.gradient_checkpointing and hasattr(backend, "unet"):

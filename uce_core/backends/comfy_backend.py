@@ -112,6 +112,8 @@ class ComfyBackend:
 
     # -- text -------------------------------------------------------------------------------------------------------
     def _token_list(self, tokenizer, prompt: Prompt, vectors):
+        """One 77-token row as ComfyUI's CLIP takes it: token ids, with embedding tensors at the slots, padded the
+        tokenizer's way."""
         ids = [] if tokenizer.start_token is None else [tokenizer.start_token]
         slots, positions = [], {}
         for part in prompt.parts:
@@ -128,29 +130,37 @@ class ComfyBackend:
         ids.append(tokenizer.end_token)
         pad = tokenizer.end_token if tokenizer.pad_with_end else tokenizer.pad_token
         ids += [pad] * (tokenizer.max_length - len(ids))
-        row, slot_iter = [], iter(slots)
-        for token in ids:
-            row.append((vectors[next(slot_iter)].float() if token is None else token, 1.0))
+        slot_iter = iter(slots)
+        row = [vectors[next(slot_iter)].float() if token is None else token for token in ids]
         return row, positions, eot
 
     def encode_prompts(self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None) -> Conditioning:
-        contexts, pooled, slot_positions, eots = [], [], [], []
-        grad = torch.is_grad_enabled() and vectors is not None and any(v.requires_grad for v in vectors)
+        """All prompts in one batch per text encoder (one forward, one set of cast weights for autograd to keep),
+        with the same set-up as ``CLIP.encode_from_tokens``: the CLIP's layer option (CLIP skip), its patcher
+        loaded on its device. SDXL: CLIP-L and CLIP-G outputs side by side, CLIP-G's pooled output."""
+        if vectors is None and any(p.slots for p in prompts):
+            raise ValueError("the prompts have learnable slots but no vectors were given")
+        rows, slot_positions, eots = [[] for _ in self.encoders], [], []
         for prompt in prompts:
-            tokens = {}
-            for e, (key, tokenizer) in enumerate(zip(self.token_keys, self.tokenizers)):
-                if prompt.slots and vectors is None:
-                    raise ValueError("the prompts have learnable slots but no vectors were given")
+            for e, tokenizer in enumerate(self.tokenizers):
                 row, positions, eot = self._token_list(tokenizer, prompt, vectors[e] if vectors is not None else None)
-                tokens[key] = [row]
-            with _differentiable_clip() if grad else contextlib.nullcontext():
-                cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            contexts.append(cond)
-            pooled.append(pool)
+                rows[e].append(row)
             slot_positions.append(positions)
             eots.append(eot)
-        extras = {"pooled_output": torch.cat(pooled)} if all(p is not None for p in pooled) else {}
-        return Conditioning(torch.cat(contexts), extras, slot_positions, eots)
+        clip, stage = self.clip, self.clip.cond_stage_model
+        stage.reset_clip_options()
+        if clip.layer_idx is not None:
+            stage.set_clip_options({"layer": clip.layer_idx})
+        clip.load_model()
+        stage.set_clip_options({"execution_device": clip.patcher.load_device})
+        grad = torch.is_grad_enabled() and vectors is not None and any(v.requires_grad for v in vectors)
+        with _differentiable_clip() if grad else contextlib.nullcontext():
+            outputs = [encoder.encode(batch) for encoder, batch in zip(self.encoders, rows)]
+        length = min(o[0].shape[1] for o in outputs)
+        context = torch.cat([o[0][:, :length] for o in outputs], dim=-1)
+        pooled = outputs[-1][1]
+        extras = {"pooled_output": pooled} if pooled is not None else {}
+        return Conditioning(context, extras, slot_positions, eots)
 
     # -- the denoiser -----------------------------------------------------------------------------------------------
     def predict(self, noisy, timesteps, cond: Conditioning, recorder=None) -> torch.Tensor:
