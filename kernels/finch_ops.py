@@ -6,7 +6,7 @@ Labels are always 0..k-1, numbered in order of each component's smallest node in
 """
 import torch
 
-_CHUNK_ELEMENTS = 1 << 22
+from ._chunks import row_chunks
 
 
 def connected_components(num_nodes: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -47,10 +47,9 @@ def cluster_means(rows: torch.Tensor, labels: torch.Tensor, num_clusters: int | 
         raise ValueError(f"labels must lie in [0, {k})")
     d = rows.shape[1]
     sums = torch.zeros(k, d, dtype=torch.float64, device=rows.device)
-    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    for start in range(0, rows.shape[0], step):
-        chunk = torch.nan_to_num(rows[start:start + step].double(), nan=0.0, posinf=0.0, neginf=0.0)
-        sums.index_add_(0, labels[start:start + step], chunk)
+    for part in row_chunks(rows.shape[0], d, rows.device):
+        chunk = torch.nan_to_num(rows[part].double(), nan=0.0, posinf=0.0, neginf=0.0)
+        sums.index_add_(0, labels[part], chunk)
     counts = torch.bincount(labels, minlength=k).clamp(min=1)
     return (sums / counts.unsqueeze(1)).float()
 
