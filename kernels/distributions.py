@@ -10,7 +10,7 @@ far below any entry that carries mass (1/16384 = 6.1e-5 is the uniform value at 
 """
 import torch
 
-from ._chunks import row_chunks
+from ._device import row_chunks
 
 FLOOR = 2.0**-24
 # A row that is already a distribution (finite, float32 sum within SUM_TOLERANCE of 1, no entry below what clamping at
@@ -35,7 +35,7 @@ def prepare_distributions(rows: torch.Tensor, floor: float = FLOOR) -> torch.Ten
         raise ValueError(f"rows must be 2-D (m, d), got shape {tuple(rows.shape)}")
     if not (0.0 < floor < 1.0):
         raise ValueError(f"floor must be in (0, 1), got {floor}")
-    a = rows.to(torch.float32).contiguous()
+    a = (rows.detach() if rows.requires_grad else rows).to(torch.float32).contiguous()
     m, d = a.shape
     if m == 0 or d == 0:
         return a

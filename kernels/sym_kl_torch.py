@@ -12,7 +12,7 @@ cancellation error in the first-neighbour search (``sym_kl_search``) drops sever
 """
 import torch
 
-from ._chunks import row_chunks
+from ._device import accumulation_dtype, row_chunks
 
 _SHIFT_SAMPLE_ROWS = 256  # the shift only has to centre the terms, so a sample of rows estimates it
 
@@ -55,12 +55,15 @@ def pair_distances(a: torch.Tensor, b: torch.Tensor, i: torch.Tensor, j: torch.T
         gap = torch.sub(p, q).abs_()
         ratio = torch.div(gap, torch.minimum(p, q, out=q), out=q)  # q is a gathered copy: reuse it
         terms = ratio.log1p_().mul_(gap)
-        out[pairs] = (0.5 * terms.sum(dim=1, dtype=torch.float64)).float()
+        out[pairs] = (0.5 * terms.sum(dim=1, dtype=accumulation_dtype(a.device))).float()
     return out
 
 
 def dense_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """The full m x n matrix of d(a_i, b_j) by the identity in float64 (accurate to ~1e-14), returned as float32."""
+    """The full m x n matrix of d(a_i, b_j) by the identity in float64 (accurate to ~1e-14), returned as float32.
+    Devices without float64 (MPS) compute it on the CPU."""
+    if accumulation_dtype(a.device) != torch.float64:
+        return dense_distances(a.cpu(), None if b is None else b.cpu()).to(a.device)
     a64 = a.double()
     if b is None:
         ((la, ha),) = shifted_log_terms(a64)

@@ -21,7 +21,7 @@ from concept_express.kernels import (
     sym_kl_first_neighbours,
     sym_kl_pair_distances,
 )
-from concept_express.kernels import _chunks, _dispatch, sym_kl_search, sym_kl_torch
+from concept_express.kernels import _device, _dispatch, sym_kl_search, sym_kl_torch
 from concept_express.kernels.sym_kl_reference import reference_distance_matrix
 
 TIE_RTOL = 1e-4
@@ -124,7 +124,7 @@ def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatc
     and the later columns (row minima) must all count, in the right order; also for queries in ragged strips."""
     monkeypatch.setattr(sym_kl_search, "STRIP_ROWS", 150)
     monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 9)
-    monkeypatch.setattr(_chunks, "CPU_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(_device, "CPU_CHUNK_ELEMENTS", 1000)
     rows = random_walk(300, 96, seed=3)
     kappa, dist = run(rows, backend=backend)
     check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True)
@@ -384,3 +384,21 @@ def test_bad_arguments_are_refused():
         sym_kl_first_neighbours(x, torch.rand(4, 9))
     with pytest.raises(ValueError):
         sym_kl_pair_distances(x, torch.arange(3), torch.arange(4))
+
+
+def test_pair_distances_accumulated_in_float32_as_on_mps(monkeypatch):
+    """Apple's MPS has no float64: pair distances then accumulate in float32 and stay accurate."""
+    assert _device.accumulation_dtype(torch.device("mps")) == torch.float32
+    assert _device.accumulation_dtype(torch.device("cpu")) == torch.float64
+    monkeypatch.setattr(sym_kl_torch, "accumulation_dtype", lambda device: torch.float32)
+    rows = random_walk(30, 200, seed=23, step=0.3)
+    oracle = oracle_distances(rows)
+    i, j = torch.arange(30), torch.arange(29, -1, -1)
+    np.testing.assert_allclose(sym_kl_pair_distances(torch.from_numpy(rows), i, j).numpy(),
+                               oracle[i.numpy(), j.numpy()], rtol=1e-5, atol=1e-8)
+
+
+def test_rows_that_require_grad_are_accepted():
+    x = torch.rand(20, 16, requires_grad=True)
+    kappa, dist = sym_kl_first_neighbours(x)
+    assert kappa.shape == (20,) and not dist.requires_grad

@@ -1,4 +1,4 @@
-"""How much elementwise work the torch paths do per step: the one knob between temporaries and launch overhead."""
+"""Device-dependent knobs of the torch paths: how much elementwise work per step, and the accumulation dtype."""
 import torch
 
 CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per temporary: stays in cache, keeps peak memory flat
@@ -14,3 +14,8 @@ def row_chunks(rows: int, width: int, device: torch.device):
     step = max(1, chunk_elements(device) // max(width, 1))
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums that must stay accurate; Apple's MPS has no float64, so float32 there."""
+    return torch.float32 if device.type == "mps" else torch.float64
