@@ -7,8 +7,10 @@ A measurement script, not a test.
 
 Input: a seeded synthetic scene (uce_core/synthetic.py: objects, parts, background, EOT map at 1/4 of the grid),
 saved once and loaded by every worker. Each (variant, round) runs in a fresh subprocess: it loads the input, warms the
-libraries up on a tiny scene, then measures one call. Time: median over --rounds; rounds alternate the variants, so
-load from other processes on the machine hits both alike. Peak memory above the input: the process's high-water mark
+libraries up on a tiny scene, then measures one call. Time: median over --rounds, and the time ratio is the median of
+the rounds' ratios: a round runs the variants back to back, so load from other processes, which drifts over minutes
+on a shared machine, hits both alike. CPU time (user + system, all threads) of the call is printed too: the work
+each variant does, less sensitive to what else runs. Peak memory above the input: the process's high-water mark
 (VmHWM, reset through /proc/self/clear_refs just before the call) minus its resident size at that moment (the
 ``Meter`` of bench_capture.py), the largest over the rounds.
 
@@ -210,8 +212,10 @@ def worker(args) -> dict:
     if device.type == "cuda":
         maps.self_attention = maps.self_attention.to(device)
         torch.cuda.synchronize()
+    cpu_before = _cpu_seconds()
     with Meter(device) as meter:
         masks, info = run_variant(args.worker, maps, args.device)
+    cpu = _cpu_seconds() - cpu_before
     seconds = [meter.seconds]
     if device.type == "cuda":  # a GPU call is short: time many and take the median
         for _ in range(args.gpu_repeat):
@@ -222,8 +226,16 @@ def worker(args) -> dict:
             seconds.append(time.perf_counter() - start)
         seconds = seconds[1:]
     digest = hashlib.sha1(masks.numpy().tobytes()).hexdigest()[:12]
-    return {"variant": args.worker, "seconds": statistics.median(seconds), "extra_mib": meter.extra_mib,
+    return {"variant": args.worker, "seconds": statistics.median(seconds), "cpu_seconds": cpu, "extra_mib": meter.extra_mib,
             "concepts": int(masks.shape[0]), "masks": digest, **info}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): the work done, whatever else the machine runs."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure(variant, path, device, gpu_repeat=20) -> dict:
@@ -249,34 +261,39 @@ def bench_size(side: int, rounds: int, device: str, folder: Path) -> None:
             runs[variant].append(measure(variant, path, device))
     print(f"\nn = {n} ({side} x {side} grid, input {input_mib:.0f} MiB float32), device {device}, "
           f"{rounds} rounds, {len(scene.truth)} objects in the scene")
-    print(f"{'variant':10s} {'median s':>9s} {'all s':>24s} {'peak MiB':>9s} {'concepts':>8s}  levels / post levels")
+    print(f"{'variant':10s} {'median s':>9s} {'all s':>30s} {'CPU s':>7s} {'peak MiB':>9s} {'concepts':>8s}  "
+          "levels / post levels")
     summary = {}
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
+        cpu = statistics.median(r["cpu_seconds"] for r in results)
         peak = max(r["extra_mib"] for r in results)
-        summary[variant] = (seconds, peak)
+        summary[variant] = (seconds, peak, cpu)
         r = results[0]
         each = " ".join(f"{x['seconds']:.2f}" for x in results)
-        print(f"{variant:10s} {seconds:9.3f} {each:>24s} {peak:9.1f} "
+        print(f"{variant:10s} {seconds:9.3f} {each:>30s} {cpu:7.2f} {peak:9.1f} "
               f"{r['concepts']:8d}  {r['levels']} -> level {r['chosen_level']} / {r['post_levels']}")
     if device != "cpu":
         seconds = summary["ours"][0]
         print(f"whole stage on {device}: {seconds * 1e3:.1f} ms (target < {GPU_TARGET_S * 1e3:.0f} ms): "
               f"{'met' if seconds < GPU_TARGET_S else 'NOT met'}")
         return
-    (rt, rm), (ot, om) = summary["reference"], summary["ours"]
-    same = runs["reference"][0]["masks"] == runs["ours"][0]["masks"]
-    print(f"ours / reference: time {ot / rt:.2f} ({rt / ot:.1f}x faster), peak memory {om / rm:.2f} "
-          f"({rm / max(om, 1e-9):.1f}x less); target <= {TARGET_RATIO}: time "
-          f"{'met' if ot / rt <= TARGET_RATIO else 'NOT met'}, memory {'met' if om / rm <= TARGET_RATIO else 'NOT met'}; "
-          f"same concepts as the reference: {'yes' if same else 'no'}")
+    (_, rm, rc), (_, om, oc) = summary["reference"], summary["ours"]
+    paired = [o["seconds"] / r["seconds"] for r, o in zip(runs["reference"], runs["ours"])]
+    ratio = statistics.median(paired)  # each round's two runs are back to back: robust to load that drifts
+    same = all(r["masks"] == o["masks"] for r, o in zip(runs["reference"], runs["ours"]))
+    print(f"ours / reference: time {ratio:.2f} (median of the rounds' ratios {' '.join(f'{x:.2f}' for x in paired)}; "
+          f"{1 / ratio:.1f}x faster; CPU time {oc / rc:.2f}), peak memory {om / rm:.2f} ({rm / max(om, 1e-9):.1f}x less); "
+          f"target <= {TARGET_RATIO}: time {'met' if ratio <= TARGET_RATIO else 'NOT met'}, memory "
+          f"{'met' if om / rm <= TARGET_RATIO else 'NOT met'}; same concepts as the reference: {'yes' if same else 'no'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (ours vs reference) or cuda (ours only)")
     parser.add_argument("--large", action="store_true", help="also n = 9216 (96 x 96)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sides", default="64", help="grid sides to run, comma-separated (--large adds 96)")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--gpu-repeat", type=int, default=20, help=argparse.SUPPRESS)
@@ -291,7 +308,8 @@ def main() -> None:
     print(f"{cpu}, {torch.get_num_threads()} torch threads, torch "
           f"{torch.__version__}; {'GPU ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}")
     with tempfile.TemporaryDirectory() as folder:
-        for side in (64, 96) if args.large else (64,):
+        sides = [int(x) for x in args.sides.split(",")] + ([96] if args.large else [])
+        for side in dict.fromkeys(sides):
             bench_size(side, args.rounds, args.device, Path(folder))
 
 

@@ -10,13 +10,14 @@ far below any entry that carries mass (1/16384 = 6.1e-5 is the uniform value at 
 """
 import torch
 
+from ._device import row_chunks
+
 FLOOR = 2.0**-24
 # A row that is already a distribution (finite, float32 sum within SUM_TOLERANCE of 1, no entry below what clamping at
 # the floor and renormalising can leave, floor / (1 + d * floor)) is returned bit for bit: preparing twice changes
 # nothing, and valid reference inputs reach the maths unchanged. A row summing to 1 +- 1e-5 changes a distance by at
 # most ~1e-5 relative.
 SUM_TOLERANCE = 1e-5
-_CHUNK_ELEMENTS = 1 << 22  # rows are repaired in chunks of about this many entries (16 MiB of float32)
 
 
 def prepare_distributions(rows: torch.Tensor, floor: float = FLOOR) -> torch.Tensor:
@@ -34,7 +35,7 @@ def prepare_distributions(rows: torch.Tensor, floor: float = FLOOR) -> torch.Ten
         raise ValueError(f"rows must be 2-D (m, d), got shape {tuple(rows.shape)}")
     if not (0.0 < floor < 1.0):
         raise ValueError(f"floor must be in (0, 1), got {floor}")
-    a = rows.to(torch.float32).contiguous()
+    a = (rows.detach() if rows.requires_grad else rows).to(torch.float32).contiguous()
     m, d = a.shape
     if m == 0 or d == 0:
         return a
@@ -45,9 +46,8 @@ def prepare_distributions(rows: torch.Tensor, floor: float = FLOOR) -> torch.Ten
         return a
     if a.data_ptr() == rows.data_ptr():
         a = a.clone()
-    step = max(1, _CHUNK_ELEMENTS // d)
-    for start in range(0, bad.numel(), step):
-        idx = bad[start:start + step]
+    for part in row_chunks(bad.numel(), d, a.device):
+        idx = bad[part]
         a[idx] = _repair(a[idx], floor)
     return a
 

@@ -6,7 +6,7 @@ Labels are always 0..k-1, numbered in order of each component's smallest node in
 """
 import torch
 
-_CHUNK_ELEMENTS = 1 << 22
+from ._device import accumulation_dtype, row_chunks
 
 
 def connected_components(num_nodes: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def first_neighbour_clusters(kappa: torch.Tensor) -> torch.Tensor:
 def cluster_means(rows: torch.Tensor, labels: torch.Tensor, num_clusters: int | None = None) -> torch.Tensor:
     """Mean of the member rows of each cluster, float32 [k, d] in label order (segment sums / counts).
 
-    Sums are accumulated in float64. Non-finite entries count as 0 so that no NaN comes out; a cluster with no member
+    Sums are accumulated in float64 (float32 on MPS). Non-finite entries count as 0 so that no NaN comes out; a cluster with no member
     (possible only when num_clusters exceeds the labels used) gets a row of zeros.
     """
     if rows.dim() != 2 or labels.dim() != 1 or labels.shape[0] != rows.shape[0]:
@@ -46,11 +46,10 @@ def cluster_means(rows: torch.Tensor, labels: torch.Tensor, num_clusters: int | 
     if labels.numel() and (int(labels.min()) < 0 or used > k):
         raise ValueError(f"labels must lie in [0, {k})")
     d = rows.shape[1]
-    sums = torch.zeros(k, d, dtype=torch.float64, device=rows.device)
-    step = max(1, _CHUNK_ELEMENTS // max(d, 1))
-    for start in range(0, rows.shape[0], step):
-        chunk = torch.nan_to_num(rows[start:start + step].double(), nan=0.0, posinf=0.0, neginf=0.0)
-        sums.index_add_(0, labels[start:start + step], chunk)
+    sums = torch.zeros(k, d, dtype=accumulation_dtype(rows.device), device=rows.device)
+    for part in row_chunks(rows.shape[0], d, rows.device):
+        chunk = torch.nan_to_num(rows[part].to(sums.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+        sums.index_add_(0, labels[part], chunk)
     counts = torch.bincount(labels, minlength=k).clamp(min=1)
     return (sums / counts.unsqueeze(1)).float()
 

@@ -10,6 +10,7 @@ from . import sym_kl_torch
 from ._dispatch import PRECISIONS, choose_backend
 from .distributions import prepare_distributions
 from .sym_kl_reference import first_neighbours_reference
+from .sym_kl_search import first_neighbours_blocked
 
 MODES = ("fast", "reference")
 
@@ -52,10 +53,17 @@ def sym_kl_first_neighbours(rows: torch.Tensor, others: torch.Tensor | None = No
     chosen = choose_backend(backend, a)
     if mode == "reference":
         return first_neighbours_reference(a, b)
-    if chosen == "triton":
-        kappa = _first_neighbours_triton(a, b, precision)
+    if b is None:
+        ((la, ha),) = sym_kl_torch.shifted_log_terms(a)
+        lb = hb = None
     else:
-        kappa = sym_kl_torch.first_neighbours_blocked(a, b)
+        (la, ha), (lb, hb) = sym_kl_torch.shifted_log_terms(a, b)
+    if chosen == "triton":
+        from .sym_kl_triton import first_neighbours_triton  # imports triton
+
+        kappa = first_neighbours_triton(a, la, ha, b, lb, hb, precision=precision)
+    else:
+        kappa = first_neighbours_blocked(a, la, ha, b, lb, hb)
     targets = a if b is None else b
     nearest = sym_kl_torch.pair_distances(a, targets, torch.arange(a.shape[0], device=a.device), kappa)
     return kappa, nearest
@@ -84,13 +92,3 @@ def _prepared(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor (count, d)")
     return prepare_distributions(x)
-
-
-def _first_neighbours_triton(a: torch.Tensor, b: torch.Tensor | None, precision: str) -> torch.Tensor:
-    from .sym_kl_triton import first_neighbours_triton  # imports triton
-
-    if b is None:
-        ((la, ha),) = sym_kl_torch.shifted_log_terms(a)
-        return first_neighbours_triton(a, la, ha, precision=precision)
-    (la, ha), (lb, hb) = sym_kl_torch.shifted_log_terms(a, b)
-    return first_neighbours_triton(a, la, ha, b, lb, hb, precision=precision)

@@ -21,11 +21,19 @@ from concept_express.kernels import (
     sym_kl_first_neighbours,
     sym_kl_pair_distances,
 )
-from concept_express.kernels import _dispatch, sym_kl_torch
+from concept_express.kernels import _device, _dispatch, sym_kl_search, sym_kl_torch
 from concept_express.kernels.sym_kl_reference import reference_distance_matrix
 
 TIE_RTOL = 1e-4
-BACKENDS = ["torch", "triton"]
+# "torch" on a CPU tensor runs the blocked search in numpy; "torch-engine" runs the same blocks in torch, as a CUDA
+# tensor does when triton is missing; "triton" runs the kernels (under the interpreter without a GPU).
+BACKENDS = ["torch", "torch-engine", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _engine(request, monkeypatch):
+    if "torch-engine" in request.node.name:
+        monkeypatch.setattr(sym_kl_search, "CPU_ENGINE", "torch")
 
 
 # ----------------------------------------------------------------------------------------------------------- oracle
@@ -87,7 +95,7 @@ def random_walk(n: int, d: int, seed: int, step: float = 0.15) -> np.ndarray:
 def run(rows, others=None, backend="torch", **kw):
     t = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
     o = torch.from_numpy(others) if isinstance(others, np.ndarray) else others
-    return sym_kl_first_neighbours(t, o, backend=backend, **kw)
+    return sym_kl_first_neighbours(t, o, backend=backend.replace("torch-engine", "torch"), **kw)
 
 
 # -------------------------------------------------------------------------------------------- first neighbours
@@ -110,12 +118,37 @@ def test_near_ties_differ_only_below_the_tie_tolerance(backend):
     assert (gaps < 1e-2).sum() >= 3 and o.min() > 1e-3
 
 
-def test_torch_strips_of_odd_size_cover_every_pair(monkeypatch):
-    """Many ragged strips: candidates from earlier strips (column minima) and the strip itself must both count."""
-    monkeypatch.setattr(sym_kl_torch, "STRIP_ROWS", 37)
+@pytest.mark.parametrize("backend", ["torch", "torch-engine"])
+def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatch):
+    """Ragged strips at three levels of recursion: candidates from earlier strips (column minima), the diagonal blocks
+    and the later columns (row minima) must all count, in the right order; also for queries in ragged strips."""
+    monkeypatch.setattr(sym_kl_search, "STRIP_ROWS", 150)
+    monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 9)
+    monkeypatch.setattr(_device, "CPU_CHUNK_ELEMENTS", 1000)
     rows = random_walk(300, 96, seed=3)
-    kappa, dist = run(rows)
+    kappa, dist = run(rows, backend=backend)
     check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True)
+    queries = random_walk(160, 96, seed=4)
+    kappa, dist = run(queries, rows, backend=backend)
+    check_first_neighbours(kappa, dist, oracle_distances(queries, rows), exclude_self=False)
+
+
+def test_triangle_blocks_cover_each_pair_once_in_increasing_column_order(monkeypatch):
+    monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 5)
+    n = 97
+    seen = np.zeros((n, n), dtype=int)
+    last = np.full(n, -1)
+    for r0, r1, c0, c1 in sym_kl_search._triangle_blocks(0, n, 40):
+        assert r0 < r1 <= n and c0 < c1 <= n and (c0 == r0 and c1 == r1 or c0 >= r1)
+        seen[r0:r1, c0:c1] += 1
+        assert (last[r0:r1] < c0).all()  # rows of the block: candidates c0.. come after everything they had
+        last[r0:r1] = c1 - 1
+        if c0 >= r1:
+            seen[c0:c1, r0:r1] += 1  # the same products, read column-wise
+            assert (last[c0:c1] < r0).all()
+            last[c0:c1] = r1 - 1
+    off_diagonal = ~np.eye(n, dtype=bool)
+    assert (seen[off_diagonal] == 1).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,7 +193,7 @@ def test_centroids_against_each_other(backend):
 def test_half_precision_inputs(backend, dtype):
     """The op upcasts and prepares; the oracle prepares the same quantised rows in float64 by the documented rule."""
     x = torch.from_numpy(random_walk(256, 128, seed=9, step=0.3)).to(dtype)
-    kappa, dist = sym_kl_first_neighbours(x, backend=backend)
+    kappa, dist = run(x, backend=backend)
     q = x.double().numpy()
     q = q / q.sum(axis=1, keepdims=True)
     q = np.maximum(q, 2.0**-24)
@@ -178,7 +211,7 @@ def test_zeros_nans_and_infs_never_give_nan(backend):
     x[13, 2] = -1.0
     x = x.to(torch.float16).float()  # fp16 flushes small entries to exact zeros, as under fp16 attention
     assert (x == 0).any(dim=1).sum() > 5
-    kappa, dist = sym_kl_first_neighbours(x, backend=backend)
+    kappa, dist = run(x, backend=backend)
     assert torch.isfinite(dist).all() and (dist >= 0).all()
     prepared = prepare_distributions(x).numpy()
     check_first_neighbours(kappa, dist, oracle_distances(prepared), exclude_self=True)
@@ -351,3 +384,21 @@ def test_bad_arguments_are_refused():
         sym_kl_first_neighbours(x, torch.rand(4, 9))
     with pytest.raises(ValueError):
         sym_kl_pair_distances(x, torch.arange(3), torch.arange(4))
+
+
+def test_pair_distances_accumulated_in_float32_as_on_mps(monkeypatch):
+    """Apple's MPS has no float64: pair distances then accumulate in float32 and stay accurate."""
+    assert _device.accumulation_dtype(torch.device("mps")) == torch.float32
+    assert _device.accumulation_dtype(torch.device("cpu")) == torch.float64
+    monkeypatch.setattr(sym_kl_torch, "accumulation_dtype", lambda device: torch.float32)
+    rows = random_walk(30, 200, seed=23, step=0.3)
+    oracle = oracle_distances(rows)
+    i, j = torch.arange(30), torch.arange(29, -1, -1)
+    np.testing.assert_allclose(sym_kl_pair_distances(torch.from_numpy(rows), i, j).numpy(),
+                               oracle[i.numpy(), j.numpy()], rtol=1e-5, atol=1e-8)
+
+
+def test_rows_that_require_grad_are_accepted():
+    x = torch.rand(20, 16, requires_grad=True)
+    kappa, dist = sym_kl_first_neighbours(x)
+    assert kappa.shape == (20,) and not dist.requires_grad
