@@ -133,6 +133,15 @@ def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatc
     check_first_neighbours(kappa, dist, oracle_distances(queries, rows), exclude_self=False)
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_later_candidate_replaces_the_best_only_when_strictly_smaller(lib):
+    """Candidates arrive in increasing column order, so keeping the first of equal values is np.argmin's rule."""
+    arr = np.asarray if lib == "numpy" else torch.tensor
+    val, idx = arr([1.0, 2.0, 3.0], dtype=np.float32 if lib == "numpy" else torch.float32), arr([5, 6, 7])
+    sym_kl_search._offer(val, idx, slice(0, 3), arr([1.0, 1.5, 3.5]), arr([9, 9, 9]))
+    assert list(idx.tolist()) == [5, 9, 7] and list(val.tolist()) == [1.0, 1.5, 3.0]
+
+
 def test_triangle_blocks_cover_each_pair_once_in_increasing_column_order(monkeypatch):
     monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 5)
     n = 97
