@@ -244,6 +244,31 @@ def test_triton_tile_config_with_several_k_steps_and_ragged_edges():
     check_first_neighbours(kappa, torch.from_numpy(oracle[np.arange(100), kappa.numpy()]), oracle, exclude_self=False)
 
 
+def test_triton_launcher_falls_back_to_a_smaller_tile_when_out_of_resources(monkeypatch):
+    pytest.importorskip("triton")
+    from concept_express.kernels import sym_kl_triton as st
+
+    big, small = st.TileConfig(128, 64, 4, 1), st.TileConfig(32, 32, 4, 1)
+    launch = st._launch
+    tried = []
+
+    def fake_launch(operands, m, n, d, symmetric, precision, config):
+        tried.append(config)
+        if config == big:
+            raise st.OutOfResources(300000, 232448, "shared memory")
+        return launch(operands, m, n, d, symmetric, precision, config)
+
+    monkeypatch.setattr(st, "_launch", fake_launch)
+    monkeypatch.setattr(st, "candidate_configs", lambda device: [big, small])
+    monkeypatch.setattr(st, "_working_config", {})
+    rows = well_separated(96, 40, seed=24)
+    kappa, dist = run(rows, backend="triton")
+    check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True, allow_ties=False)
+    assert tried == [big, small] and st.default_config(torch.device("cpu")) == small
+    run(rows, backend="triton")
+    assert tried == [big, small, small]  # the working config is remembered
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
 def test_every_triton_precision_is_accepted(precision):
     rows = well_separated(128, 64, seed=13)
