@@ -63,9 +63,15 @@ def candidate_configs(device: torch.device) -> list[TileConfig]:
 _working_config: dict[tuple[str, int | None], TileConfig] = {}
 
 
+def _device_key(device: torch.device) -> tuple[str, int | None]:
+    if device.type == "cuda" and device.index is None:
+        return "cuda", torch.cuda.current_device()
+    return device.type, device.index
+
+
 def default_config(device: torch.device) -> TileConfig:
     """The config the launcher uses on this device (once a launch has settled it, the one that compiled)."""
-    return _working_config.get((device.type, device.index), candidate_configs(device)[0])
+    return _working_config.get(_device_key(device), candidate_configs(device)[0])
 
 
 @triton.jit
@@ -144,7 +150,7 @@ def first_neighbours_triton(a: torch.Tensor, la: torch.Tensor, ha: torch.Tensor,
     operands = [t.contiguous() for t in (a, la, b, lb, ha, hb)]
     m, d = a.shape
     n = b.shape[0]
-    key = (a.device.type, a.device.index)
+    key = _device_key(a.device)
     if config is not None:
         candidates = [config]
     elif key in _working_config:

@@ -92,10 +92,17 @@ def random_walk(n: int, d: int, seed: int, step: float = 0.15) -> np.ndarray:
     return softmax_rows(logits)[rng.permutation(n)]
 
 
+# The Triton tests run the real kernels on CUDA tensors where there is a GPU, the interpreter on CPU tensors elsewhere.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run(rows, others=None, backend="torch", **kw):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
     t = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
     o = torch.from_numpy(others) if isinstance(others, np.ndarray) else others
-    return sym_kl_first_neighbours(t, o, backend=backend.replace("torch-engine", "torch"), **kw)
+    kappa, dist = sym_kl_first_neighbours(t.to(device), None if o is None else o.to(device),
+                                          backend=backend.replace("torch-engine", "torch"), **kw)
+    return kappa.cpu(), dist.cpu()
 
 
 # -------------------------------------------------------------------------------------------- first neighbours
@@ -233,13 +240,13 @@ def test_triton_tile_config_with_several_k_steps_and_ragged_edges():
     rows = random_walk(100, 72, seed=11, step=0.3)
     others = random_walk(70, 72, seed=12, step=0.3)
     config = TileConfig(block=32, block_k=16, num_warps=4, num_stages=1)
-    a, b = torch.from_numpy(rows), torch.from_numpy(others)
+    a, b = torch.from_numpy(rows).to(TRITON_DEVICE), torch.from_numpy(others).to(TRITON_DEVICE)
     ((la, ha),) = sym_kl_torch.shifted_log_terms(a)
-    kappa = first_neighbours_triton(a, la, ha, config=config)
+    kappa = first_neighbours_triton(a, la, ha, config=config).cpu()
     check_first_neighbours(kappa, torch.from_numpy(oracle_distances(rows)[np.arange(100), kappa.numpy()]),
                            oracle_distances(rows), exclude_self=True)
     (la, ha), (lb, hb) = sym_kl_torch.shifted_log_terms(a, b)
-    kappa = first_neighbours_triton(a, la, ha, b, lb, hb, config=config)
+    kappa = first_neighbours_triton(a, la, ha, b, lb, hb, config=config).cpu()
     oracle = oracle_distances(rows, others)
     check_first_neighbours(kappa, torch.from_numpy(oracle[np.arange(100), kappa.numpy()]), oracle, exclude_self=False)
 
@@ -264,7 +271,7 @@ def test_triton_launcher_falls_back_to_a_smaller_tile_when_out_of_resources(monk
     rows = well_separated(96, 40, seed=24)
     kappa, dist = run(rows, backend="triton")
     check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True, allow_ties=False)
-    assert tried == [big, small] and st.default_config(torch.device("cpu")) == small
+    assert tried == [big, small] and st.default_config(torch.device(TRITON_DEVICE)) == small
     run(rows, backend="triton")
     assert tried == [big, small, small]  # the working config is remembered
 
