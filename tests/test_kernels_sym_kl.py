@@ -130,7 +130,7 @@ def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatc
     """Ragged strips at three levels of recursion: candidates from earlier strips (column minima), the diagonal blocks
     and the later columns (row minima) must all count, in the right order; also for queries in ragged strips."""
     monkeypatch.setattr(sym_kl_search, "STRIP_ROWS", 150)
-    monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 9)
+    monkeypatch.setattr(sym_kl_search, "BASE_ROWS", 9)
     monkeypatch.setattr(_device, "CPU_CHUNK_ELEMENTS", 1000)
     rows = random_walk(300, 96, seed=3)
     kappa, dist = run(rows, backend=backend)
@@ -149,12 +149,11 @@ def test_a_later_candidate_replaces_the_best_only_when_strictly_smaller(lib):
     assert list(idx.tolist()) == [5, 9, 7] and list(val.tolist()) == [1.0, 1.5, 3.0]
 
 
-def test_triangle_blocks_cover_each_pair_once_in_increasing_column_order(monkeypatch):
-    monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 5)
-    n = 97
-    seen = np.zeros((n, n), dtype=int)
+@pytest.mark.parametrize("n, strip, base", [(97, 40, 5), (4096, 512, 128), (300, 256, 64)])
+def test_triangle_blocks_cover_each_pair_once_in_increasing_column_order(n, strip, base):
+    seen = np.zeros((n, n), dtype=np.int8)
     last = np.full(n, -1)
-    for r0, r1, c0, c1 in sym_kl_search._triangle_blocks(0, n, 40):
+    for r0, r1, c0, c1 in sym_kl_search._triangle_blocks(0, n, strip, base):
         assert r0 < r1 <= n and c0 < c1 <= n and (c0 == r0 and c1 == r1 or c0 >= r1)
         seen[r0:r1, c0:c1] += 1
         assert (last[r0:r1] < c0).all()  # rows of the block: candidates c0.. come after everything they had
