@@ -8,7 +8,8 @@ CPU: each variant runs in a fresh subprocess on the same deterministic input (at
 memory above the input is the process's high-water mark (VmHWM) during the first call minus its resident size just
 before (the mark is reset through /proc/self/clear_refs), so it counts numpy's and torch's allocations alike, as the
 OS sees them. The variants alternate over --rounds rounds, one call per process; time is reported as the best and the
-median call. Variants:
+median call (wall clock), and the best process CPU time (user + sys, all threads: on a shared machine it is less
+disturbed by other processes than wall time, though spinning threads inflate it). Variants:
   reference  ptp_utils.kld_distance + fill_diagonal(1e12) + argmin, numpy float32 (OpenBLAS), as the reference runs
   fast       sym_kl_first_neighbours(rows) on a CPU tensor (torch float32, MKL), distances included
   oracle     float64 numpy, for the accuracy columns only (not timed against the others)
@@ -126,12 +127,13 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str) -> None:
     x = attention_like_rows(n)
     _reset_peak()
     before = _memory_kib()["VmRSS"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     kappa = call(x)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _memory_kib()["VmHWM"] - before
     np.save(out_path, kappa)
-    print(json.dumps({"variant": variant, "seconds": seconds, "peak_above_input_mib": peak / 1024,
+    print(json.dumps({"variant": variant, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "peak_above_input_mib": peak / 1024,
                       "input_mib": x.nbytes / 2**20, "load": os.getloadavg()[0]}))
 
 
@@ -162,16 +164,19 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool) -> None:
                 kappa64, gap = np.load(os.path.join(tmp, "oracle.npy"))
         stats = {v: {"best": min(r["seconds"] for r in runs[v]),
                      "median": statistics.median(r["seconds"] for r in runs[v]),
+                     "cpu": min(r["cpu_seconds"] for r in runs[v]),
                      "peak": max(r["peak_above_input_mib"] for r in runs[v])} for v in variants}
         loads = [r["load"] for v in variants for r in runs[v]]
         print(f"\nn = {n} (input {runs['fast'][0]['input_mib']:.0f} MiB float32), {rounds} rounds, "
               f"load average during the calls {min(loads):.2f}..{max(loads):.2f}")
-        print(f"{'variant':<11}{'best s':>9}{'median s':>10}{'peak MiB above input':>22}")
+        print(f"{'variant':<11}{'best s':>9}{'median s':>10}{'best CPU s':>12}{'peak MiB above input':>22}")
         for v in variants:
-            print(f"{v:<11}{stats[v]['best']:>9.3f}{stats[v]['median']:>10.3f}{stats[v]['peak']:>22.1f}")
+            r = stats[v]
+            print(f"{v:<11}{r['best']:>9.3f}{r['median']:>10.3f}{r['cpu']:>12.3f}{r['peak']:>22.1f}")
         ref, fast = stats["reference"], stats["fast"]
         print(f"speed-up reference/fast: {ref['best'] / fast['best']:.2f}x (best), "
-              f"{ref['median'] / fast['median']:.2f}x (median); memory fast/reference: {fast['peak'] / ref['peak']:.2f}")
+              f"{ref['median'] / fast['median']:.2f}x (median), {ref['cpu'] / fast['cpu']:.2f}x (CPU time); "
+              f"memory fast/reference: {fast['peak'] / ref['peak']:.2f}")
         print(f"first neighbours differing, fast vs reference: {(kappas['fast'] != kappas['reference']).sum()} of {n}")
         if oracle:
             kappa64 = kappa64.astype(np.int64)
@@ -183,14 +188,14 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
-def run_gpu(sizes_big, repeat: int) -> None:
+def run_gpu(sizes_big, repeat: int, base_n: int = 4096, device: str = "cuda") -> None:
     import torch
 
     from concept_express.kernels import sym_kl_first_neighbours, sym_kl_torch
     from concept_express.kernels.sym_kl_triton import default_config, first_neighbours_triton
 
-    dev = torch.device("cuda")
-    print(f"\n== GPU: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, config {default_config(dev)} ==")
+    dev = torch.device(device)
+    print(f"\n== GPU: {torch.cuda.get_device_name(dev)}, torch {torch.__version__} ==")
 
     def timed(fn, reps=repeat * 5):
         fn()
@@ -231,7 +236,7 @@ def run_gpu(sizes_big, repeat: int) -> None:
             gap[s:e] = (two[:, 1] - two[:, 0]) / two[:, 0].abs()
         return kappa, gap
 
-    for n in [4096] + list(sizes_big):
+    for n in [base_n] + list(sizes_big):
         x = torch.from_numpy(attention_like_rows(n)).to(dev)
         truth, gap = float64_truth(x)
         ties = gap < TIE_RTOL
@@ -263,6 +268,7 @@ def run_gpu(sizes_big, repeat: int) -> None:
         report("torch blocked path on CUDA (fp32)", lambda: sym_kl_first_neighbours(x, backend="torch"))
         if plain and kernel["tf32x3"]:
             print(f"plain fp32 torch / triton tf32x3 kernel: {plain / kernel['tf32x3']:.2f}x")
+        print(f"Triton tile config used: {default_config(dev)}")
 
 
 def main() -> None:

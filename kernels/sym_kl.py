@@ -64,9 +64,8 @@ def sym_kl_first_neighbours(rows: torch.Tensor, others: torch.Tensor | None = No
         kappa = first_neighbours_triton(a, la, ha, b, lb, hb, precision=precision)
     else:
         kappa = first_neighbours_blocked(a, la, ha, b, lb, hb)
-    targets = a if b is None else b
-    nearest = sym_kl_torch.pair_distances(a, targets, torch.arange(a.shape[0], device=a.device), kappa)
-    return kappa, nearest
+    del la, ha, lb, hb  # free the logs (m x d) before the distances allocate their chunks
+    return kappa, sym_kl_torch.pair_distances(a, a if b is None else b, None, kappa)
 
 
 def sym_kl_pair_distances(rows: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ holds for every constant c: each of the four terms moves by c times a row sum, a
 the mean of the unshifted h, which centres h and the cross terms near 0 instead of near -log d, so the float32
 cancellation error in the first-neighbour search (``sym_kl_search``) drops several-fold.
 """
+import numpy as np
 import torch
 
 from ._device import accumulation_dtype, row_chunks
@@ -31,7 +32,7 @@ def shifted_log_terms(*row_sets: torch.Tensor) -> list[tuple[torch.Tensor, torch
 
     L and h have the dtype of A; h is computed from the rounded L, so the identity holds for the values the GEMM sees.
     """
-    logs = [torch.log(a) for a in row_sets]
+    logs = [_log(a) for a in row_sets]
     samples = [slice(None, None, max(1, a.shape[0] // _SHIFT_SAMPLE_ROWS)) for a in row_sets]
     shift = -torch.cat([row_dots(a[s], l[s]) for a, l, s in zip(row_sets, logs, samples)]).mean()
     terms = []
@@ -41,17 +42,25 @@ def shifted_log_terms(*row_sets: torch.Tensor) -> list[tuple[torch.Tensor, torch
     return terms
 
 
-def pair_distances(a: torch.Tensor, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """d(a_i[k], b_j[k]) for each k, from the definition 1/2 sum (p - q)(log p - log q), chunked over pairs.
+def _log(a: torch.Tensor) -> torch.Tensor:
+    """Natural log; on the CPU numpy's vectorised float32 log, measured ~2x faster than torch's on one thread."""
+    if a.device.type == "cpu" and a.dtype == torch.float32:
+        return torch.from_numpy(np.log(a.numpy()))
+    return torch.log(a)
+
+
+def pair_distances(a: torch.Tensor, b: torch.Tensor, i: torch.Tensor | None, j: torch.Tensor) -> torch.Tensor:
+    """d(a_i[k], b_j[k]) for each k (i=None: a's rows in order, without a copy), from the definition
+    1/2 sum (p - q)(log p - log q), chunked over pairs.
 
     Each term is evaluated as |p - q| * log1p(|p - q| / min(p, q)), which equals (p - q)(log p - log q) and is accurate
     to a few ulp for every ratio p / q: a difference of logs loses digits when p ~ q, log(p / q) when p ~ q too, and
     log1p((p - q) / q) when p << q. So every term is >= 0 and the result keeps its relative accuracy, also for
     near-duplicate rows and for entries at the floor.
     """
-    out = torch.empty(i.shape[0], dtype=torch.float32, device=a.device)
-    for pairs in row_chunks(i.shape[0], a.shape[1], a.device):
-        p, q = a[i[pairs]], b[j[pairs]]
+    out = torch.empty(j.shape[0], dtype=torch.float32, device=a.device)
+    for pairs in row_chunks(j.shape[0], a.shape[1], a.device):
+        p, q = a[pairs] if i is None else a[i[pairs]], b[j[pairs]]
         gap = torch.sub(p, q).abs_()
         ratio = torch.div(gap, torch.minimum(p, q, out=q), out=q)  # q is a gathered copy: reuse it
         terms = ratio.log1p_().mul_(gap)

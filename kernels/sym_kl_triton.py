@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._dispatch import PRECISIONS
 
@@ -36,7 +37,8 @@ class TileConfig:
         return 4 * self.block * self.block_k * 4 * self.num_stages
 
 
-# Untuned guesses (no GPU was available when this was written): the largest that fits the device's shared memory.
+# Untuned guesses (no GPU was available when this was written). The launcher tries the largest that should fit the
+# device's shared memory, falls back to the next when compiling runs out of resources, and remembers what worked.
 CUDA_CONFIGS = (
     TileConfig(block=128, block_k=32, num_warps=8, num_stages=3),  # 192 KiB: H100 / H200
     TileConfig(block=128, block_k=16, num_warps=8, num_stages=3),  # 96 KiB: A100, RTX 30xx / 40xx
@@ -46,18 +48,30 @@ CUDA_CONFIGS = (
 INTERPRETER_CONFIG = TileConfig(block=64, block_k=128, num_warps=4, num_stages=1)
 
 
-def default_config(device: torch.device) -> TileConfig:
+def candidate_configs(device: torch.device) -> list[TileConfig]:
+    """Configs to try, largest first: those that should fit the device's shared memory (all if it cannot be read)."""
     if device.type != "cuda":
-        return INTERPRETER_CONFIG
+        return [INTERPRETER_CONFIG]
     try:
-        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
-        shared = props["max_shared_mem"]
+        shared = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
     except Exception:
-        shared = 48 * 1024
-    for config in CUDA_CONFIGS:
-        if config.shared_bytes() + 8 * 1024 <= shared:
-            return config
-    return CUDA_CONFIGS[-1]
+        return list(CUDA_CONFIGS)
+    fitting = [c for c in CUDA_CONFIGS if c.shared_bytes() + 8 * 1024 <= shared]
+    return fitting or [CUDA_CONFIGS[-1]]
+
+
+_working_config: dict[tuple[str, int | None], TileConfig] = {}
+
+
+def _device_key(device: torch.device) -> tuple[str, int | None]:
+    if device.type == "cuda" and device.index is None:
+        return "cuda", torch.cuda.current_device()
+    return device.type, device.index
+
+
+def default_config(device: torch.device) -> TileConfig:
+    """The config the launcher uses on this device (once a launch has settled it, the one that compiled)."""
+    return _working_config.get(_device_key(device), candidate_configs(device)[0])
 
 
 @triton.jit
@@ -136,12 +150,30 @@ def first_neighbours_triton(a: torch.Tensor, la: torch.Tensor, ha: torch.Tensor,
     operands = [t.contiguous() for t in (a, la, b, lb, ha, hb)]
     m, d = a.shape
     n = b.shape[0]
-    config = config or default_config(a.device)
+    key = _device_key(a.device)
+    if config is not None:
+        candidates = [config]
+    elif key in _working_config:
+        candidates = [_working_config[key]]
+    else:
+        candidates = candidate_configs(a.device)
+    for k, config in enumerate(candidates):
+        try:
+            part_val, part_idx = _launch(operands, m, n, d, symmetric, precision, config)
+            break
+        except OutOfResources:  # the shared-memory estimate was too optimistic: go smaller
+            if k == len(candidates) - 1:
+                raise
+    _working_config.setdefault(key, config)
+    best = part_val.min(dim=0, keepdim=True).values
+    return torch.where(part_val == best, part_idx, n).min(dim=0).values.long()
+
+
+def _launch(operands, m: int, n: int, d: int, symmetric: bool, precision: str, config: TileConfig):
     grid = (triton.cdiv(m, config.block), triton.cdiv(n, config.block))
-    part_val = torch.empty((grid[1], m), dtype=torch.float32, device=a.device)
-    part_idx = torch.empty((grid[1], m), dtype=torch.int32, device=a.device)
+    part_val = torch.empty((grid[1], m), dtype=torch.float32, device=operands[0].device)
+    part_idx = torch.empty((grid[1], m), dtype=torch.int32, device=operands[0].device)
     _sym_kl_first_neighbour_kernel[grid](*operands, part_val, part_idx, m, n, d, SYMMETRIC=symmetric,
                                          BLOCK=config.block, BLOCK_K=config.block_k, PRECISION=precision,
                                          num_warps=config.num_warps, num_stages=config.num_stages)
-    best = part_val.min(dim=0, keepdim=True).values
-    return torch.where(part_val == best, part_idx, n).min(dim=0).values.long()
+    return part_val, part_idx

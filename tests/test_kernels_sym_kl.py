@@ -92,10 +92,17 @@ def random_walk(n: int, d: int, seed: int, step: float = 0.15) -> np.ndarray:
     return softmax_rows(logits)[rng.permutation(n)]
 
 
+# The Triton tests run the real kernels on CUDA tensors where there is a GPU, the interpreter on CPU tensors elsewhere.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run(rows, others=None, backend="torch", **kw):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
     t = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
     o = torch.from_numpy(others) if isinstance(others, np.ndarray) else others
-    return sym_kl_first_neighbours(t, o, backend=backend.replace("torch-engine", "torch"), **kw)
+    kappa, dist = sym_kl_first_neighbours(t.to(device), None if o is None else o.to(device),
+                                          backend=backend.replace("torch-engine", "torch"), **kw)
+    return kappa.cpu(), dist.cpu()
 
 
 # -------------------------------------------------------------------------------------------- first neighbours
@@ -123,7 +130,7 @@ def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatc
     """Ragged strips at three levels of recursion: candidates from earlier strips (column minima), the diagonal blocks
     and the later columns (row minima) must all count, in the right order; also for queries in ragged strips."""
     monkeypatch.setattr(sym_kl_search, "STRIP_ROWS", 150)
-    monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 9)
+    monkeypatch.setattr(sym_kl_search, "BASE_ROWS", 9)
     monkeypatch.setattr(_device, "CPU_CHUNK_ELEMENTS", 1000)
     rows = random_walk(300, 96, seed=3)
     kappa, dist = run(rows, backend=backend)
@@ -133,12 +140,20 @@ def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatc
     check_first_neighbours(kappa, dist, oracle_distances(queries, rows), exclude_self=False)
 
 
-def test_triangle_blocks_cover_each_pair_once_in_increasing_column_order(monkeypatch):
-    monkeypatch.setattr(sym_kl_search, "_BASE_ROWS", 5)
-    n = 97
-    seen = np.zeros((n, n), dtype=int)
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_later_candidate_replaces_the_best_only_when_strictly_smaller(lib):
+    """Candidates arrive in increasing column order, so keeping the first of equal values is np.argmin's rule."""
+    arr = np.asarray if lib == "numpy" else torch.tensor
+    val, idx = arr([1.0, 2.0, 3.0], dtype=np.float32 if lib == "numpy" else torch.float32), arr([5, 6, 7])
+    sym_kl_search._offer(val, idx, slice(0, 3), arr([1.0, 1.5, 3.5]), arr([9, 9, 9]))
+    assert list(idx.tolist()) == [5, 9, 7] and list(val.tolist()) == [1.0, 1.5, 3.0]
+
+
+@pytest.mark.parametrize("n, strip, base", [(97, 40, 5), (4096, 512, 128), (300, 256, 64)])
+def test_triangle_blocks_cover_each_pair_once_in_increasing_column_order(n, strip, base):
+    seen = np.zeros((n, n), dtype=np.int8)
     last = np.full(n, -1)
-    for r0, r1, c0, c1 in sym_kl_search._triangle_blocks(0, n, 40):
+    for r0, r1, c0, c1 in sym_kl_search._triangle_blocks(0, n, strip, base):
         assert r0 < r1 <= n and c0 < c1 <= n and (c0 == r0 and c1 == r1 or c0 >= r1)
         seen[r0:r1, c0:c1] += 1
         assert (last[r0:r1] < c0).all()  # rows of the block: candidates c0.. come after everything they had
@@ -224,15 +239,40 @@ def test_triton_tile_config_with_several_k_steps_and_ragged_edges():
     rows = random_walk(100, 72, seed=11, step=0.3)
     others = random_walk(70, 72, seed=12, step=0.3)
     config = TileConfig(block=32, block_k=16, num_warps=4, num_stages=1)
-    a, b = torch.from_numpy(rows), torch.from_numpy(others)
+    a, b = torch.from_numpy(rows).to(TRITON_DEVICE), torch.from_numpy(others).to(TRITON_DEVICE)
     ((la, ha),) = sym_kl_torch.shifted_log_terms(a)
-    kappa = first_neighbours_triton(a, la, ha, config=config)
+    kappa = first_neighbours_triton(a, la, ha, config=config).cpu()
     check_first_neighbours(kappa, torch.from_numpy(oracle_distances(rows)[np.arange(100), kappa.numpy()]),
                            oracle_distances(rows), exclude_self=True)
     (la, ha), (lb, hb) = sym_kl_torch.shifted_log_terms(a, b)
-    kappa = first_neighbours_triton(a, la, ha, b, lb, hb, config=config)
+    kappa = first_neighbours_triton(a, la, ha, b, lb, hb, config=config).cpu()
     oracle = oracle_distances(rows, others)
     check_first_neighbours(kappa, torch.from_numpy(oracle[np.arange(100), kappa.numpy()]), oracle, exclude_self=False)
+
+
+def test_triton_launcher_falls_back_to_a_smaller_tile_when_out_of_resources(monkeypatch):
+    pytest.importorskip("triton")
+    from concept_express.kernels import sym_kl_triton as st
+
+    big, small = st.TileConfig(128, 64, 4, 1), st.TileConfig(32, 32, 4, 1)
+    launch = st._launch
+    tried = []
+
+    def fake_launch(operands, m, n, d, symmetric, precision, config):
+        tried.append(config)
+        if config == big:
+            raise st.OutOfResources(300000, 232448, "shared memory")
+        return launch(operands, m, n, d, symmetric, precision, config)
+
+    monkeypatch.setattr(st, "_launch", fake_launch)
+    monkeypatch.setattr(st, "candidate_configs", lambda device: [big, small])
+    monkeypatch.setattr(st, "_working_config", {})
+    rows = well_separated(96, 40, seed=24)
+    kappa, dist = run(rows, backend="triton")
+    check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True, allow_ties=False)
+    assert tried == [big, small] and st.default_config(torch.device(TRITON_DEVICE)) == small
+    run(rows, backend="triton")
+    assert tried == [big, small, small]  # the working config is remembered
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
