@@ -12,6 +12,9 @@ from .errors import ConceptExpressError
 
 EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.png"
 DEMO_MODEL = "tiny-sd1"
+# --demo trains a short schedule in the paper's split/merged proportion (1:4) so that the demo finishes in under a
+# minute on a CPU: the tiny model's random weights have nothing more to learn. --steps/--merge-step override it.
+DEMO_STEPS, DEMO_MERGE_STEP = 100, 20
 
 _DESCRIPTION = """\
 ConceptExpress: find the concepts in one image (no masks, no words, no count) and learn one
@@ -59,8 +62,9 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
     d = TrainSettings()
     group = parser.add_argument_group("token learning")
-    group.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-    group.add_argument("--merge-step", type=int, default=d.merge_step, help=f"step at which split tokens merge (default {d.merge_step})")
+    group.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; {DEMO_STEPS} with --demo)")
+    group.add_argument("--merge-step", type=int,
+                       help=f"step at which split tokens merge (default {d.merge_step}; {DEMO_MERGE_STEP} with --demo)")
     group.add_argument("--split-tokens", type=int, default=d.split_tokens, help=f"tokens per concept before merging (default {d.split_tokens})")
     group.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
     group.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight, help=f"alpha (default {d.contrastive_weight:g})")
@@ -221,6 +225,18 @@ def run_localize(args) -> int:
     return 0
 
 
+def _schedule(args) -> tuple[int, int]:
+    """--steps / --merge-step, else the demo's short schedule with --demo, else the paper's (TrainSettings)."""
+    from .train import TrainSettings
+
+    demo = args.demo and args.steps is None
+    steps = DEMO_STEPS if demo else TrainSettings.steps if args.steps is None else args.steps
+    merge_step = args.merge_step if args.merge_step is not None else DEMO_MERGE_STEP if demo else TrainSettings.merge_step
+    if demo:
+        _say(f"demo schedule: {steps} steps, merge at {merge_step} (the paper's is 500, merge at 100: set --steps 500)")
+    return steps, merge_step
+
+
 def run_extract(args) -> int:
     from .export import check_export_target, export_names, export_tokens
     from .train import TrainSettings, train_concept_tokens
@@ -236,8 +252,9 @@ def run_extract(args) -> int:
     concepts = _localize(args, maps)
     _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
     check_export_target(out, export_names([""] * len(concepts), args.prefix), args.overwrite)
+    steps, merge_step = _schedule(args)
     settings = TrainSettings(
-        steps=args.steps, merge_step=args.merge_step, split_tokens=args.split_tokens, learning_rate=args.lr,
+        steps=steps, merge_step=merge_step, split_tokens=args.split_tokens, learning_rate=args.lr,
         contrastive_weight=args.contrastive_weight, attention_weight=args.attention_weight, emd=args.emd,
         update=args.update, init=args.init, template=args.template, seed=args.seed, flip=not args.no_flip,
         micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing,
@@ -246,6 +263,9 @@ def run_extract(args) -> int:
     settings.validate()
     checkpoint = out / ".training-checkpoint.safetensors"
     if checkpoint.exists() and not args.resume:
+        if not args.overwrite:
+            raise ConceptExpressError(f"{out} holds the checkpoint of an interrupted run: add --resume to continue it, "
+                                      "or --overwrite to start again")
         checkpoint.unlink()
     bar = _ProgressBar(settings.steps)
     tokens = train_concept_tokens(backend, concepts, settings, progress=bar.update, checkpoint=checkpoint,
@@ -272,7 +292,7 @@ def run_generate(args) -> int:
     from .generate import generate_images
 
     tokens = load_exported(args.concepts)
-    model = args.model or tokens.info.get("model", {}).get("name") or None
+    model = args.model or tokens.info["source"].get("model") or tokens.info.get("model", {}).get("name") or None
     if args.demo:
         model = model or DEMO_MODEL
     if not model:

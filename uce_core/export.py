@@ -75,7 +75,7 @@ def check_export_target(folder: Path, names: list[str], overwrite: bool) -> tupl
         if existing:
             raise ConceptExpressError(
                 f"{len(existing)} file(s) already exist, e.g. {existing[0]}; nothing was written. "
-                "Choose another folder or prefix, or allow overwriting."
+                "Choose another folder or prefix, or allow overwriting (--overwrite; the overwrite input on the node)."
             )
     return embeddings, masks
 
@@ -90,7 +90,9 @@ class ExportResult:
 
 def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: str | None = None,
                   overwrite: bool = False, extra: dict | None = None) -> ExportResult:
-    """Write the embedding files, masks, previews, the full record and the manifest of ``tokens`` into ``folder``.
+    """Write the embedding files, masks, previews and the manifest of ``tokens`` into ``folder``.
+
+    ``extra`` (JSON-able) is kept in the manifest under ``source``; ``load_exported`` returns it as ``info["source"]``.
 
     With ``prefix`` the names become ``<prefix>_1``, ``<prefix>_2``, ...; otherwise ``tokens.names`` are used.
     """
@@ -127,7 +129,7 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
                      for n, e, m, o in zip(names, embeddings, masks, tokens.names)],
         "history": tokens.history,
         "info": tokens.info,
-        **(extra or {}),
+        "source": dict(extra or {}),  # the caller's provenance notes (the CLI: image path, model argument)
     }
     manifest_path = write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, default=str), overwrite)
     return ExportResult(folder, embeddings, manifest_path, names)
@@ -193,4 +195,4 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
         masks.append(torch.from_numpy(read(entry["mask"])[np.ix_(ys, xs)] > 127))
     return ConceptTokens([torch.stack(v) for v in vectors], keys, family, [c["name"] for c in manifest["concepts"]],
                          torch.stack(masks), torch.from_numpy(image.copy()), manifest.get("history", {}),
-                         manifest.get("info", {}))
+                         {**manifest.get("info", {}), "source": manifest.get("source", {})})

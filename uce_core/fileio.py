@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True):
     """
     path = Path(path)
     if not overwrite and path.exists():
-        raise ConceptExpressError(f"{path} already exists; choose another name or allow overwriting.")
+        raise ConceptExpressError(f"{path} already exists; choose another name or allow overwriting (--overwrite; the overwrite input on the node).")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -42,7 +42,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True):
             try:
                 os.link(tmp, path)  # fails if path exists: no silent replacement
             except FileExistsError:
-                raise ConceptExpressError(f"{path} already exists; choose another name or allow overwriting.") from None
+                raise ConceptExpressError(f"{path} already exists; choose another name or allow overwriting (--overwrite; the overwrite input on the node).") from None
             os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

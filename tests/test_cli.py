@@ -1,0 +1,74 @@
+"""The CLI main job: extract -> files on disk -> generate, its schedule defaults and its refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from concept_express.uce_core import cli
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "concept_express.uce_core.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["extract", "--demo"], (100, 20)),  # the demo's short schedule, 1:4 like the paper's
+    (["extract", "photo.png", "--model", "m.safetensors"], (500, 100)),  # scripts/train.sh
+    (["extract", "--demo", "--steps", "500"], (500, 100)),  # an explicit length gets the paper's merge step
+    (["extract", "--demo", "--steps", "40", "--merge-step", "8"], (40, 8)),
+    (["extract", "photo.png", "--model", "m", "--merge-step", "0"], (500, 0)),
+])
+def test_training_schedule_defaults(argv, expected):
+    args = cli.build_parser().parse_args(argv)
+    assert cli._schedule(args) == expected
+
+
+def test_extract_writes_loadable_embeddings_then_generate_renders_them(tmp_path):
+    out = tmp_path / "out"
+    result = _cli("extract", "--demo", "--steps", "3", "--merge-step", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [c["name"] for c in manifest["concepts"]]
+    assert names and names == [f"concept_{i + 1}" for i in range(len(names))]
+    assert f"{len(names)} concept(s)" in result.stdout and "embedding:concept/concept_1" in result.stdout
+    for name in names:
+        vectors = load_file(out / f"{name}.safetensors")
+        assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (1, 32)
+        assert (out / f"{name}_mask.png").exists()
+    assert not (out / ".training-checkpoint.safetensors").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = _cli("extract", "--demo", "--steps", "3", "--merge-step", "1", "--out", str(out))
+    assert again.returncode == 1 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    images = tmp_path / "images"
+    rendered = _cli("generate", "--concepts", str(out), "--prompt", "a photo of {1} and {all}", "--count", "2",
+                    "--sampling-steps", "2", "--out", str(images))
+    assert rendered.returncode == 0, rendered.stderr
+    pictures = sorted(images.glob("*.png"))
+    assert len(pictures) == 2
+    with Image.open(out / "image.png") as source:
+        size = source.size  # the training image at the model's working size: the example is landscape
+    assert size[0] > size[1] and size[0] % 64 == 0 and size[1] % 64 == 0
+    for picture in pictures:
+        with Image.open(picture) as im:
+            assert im.size == size
+
+
+def test_extract_keeps_an_interrupted_runs_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = out / ".training-checkpoint.safetensors"
+    checkpoint.write_bytes(b"progress of an interrupted run")
+    result = _cli("extract", "--demo", "--steps", "2", "--out", str(out))
+    assert result.returncode == 1 and "--resume" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert checkpoint.read_bytes() == b"progress of an interrupted run"
+    assert sorted(p.name for p in out.iterdir()) == [checkpoint.name]
