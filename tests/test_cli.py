@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
@@ -40,6 +41,11 @@ def test_extract_writes_loadable_embeddings_then_generate_renders_them(tmp_path)
         vectors = load_file(out / f"{name}.safetensors")
         assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (1, 32)
         assert (out / f"{name}_mask.png").exists()
+    for name in ("attention_rows.png", "eot.png", "concepts.png", "loss.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+            assert im.width >= 128 and len(np.unique(pixels, axis=0)) > 20  # a picture, not a blank sheet
     assert not (out / ".training-checkpoint.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

@@ -93,7 +93,7 @@ def test_cli_capture_demo_writes_readable_previews(tmp_path):
             im.load()
             assert im.width > 200 and im.height > 100
             pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
-            assert len(np.unique(pixels, axis=0)) > 50  # a real picture, not a blank sheet  # a real picture, not a blank sheet
+            assert len(np.unique(pixels, axis=0)) > 50  # a real picture, not a blank sheet
     assert (tmp_path / "attention.safetensors").stat().st_size > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
 

@@ -239,6 +239,7 @@ def _schedule(args) -> tuple[int, int]:
 
 def run_extract(args) -> int:
     from .export import check_export_target, export_names, export_tokens
+    from .previews import attention_rows_preview, eot_preview
     from .train import TrainSettings, train_concept_tokens
 
     image, model = _resolve_inputs(args)
@@ -252,6 +253,10 @@ def run_extract(args) -> int:
     concepts = _localize(args, maps)
     _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
     check_export_target(out, export_names([""] * len(concepts), args.prefix), args.overwrite)
+    previews = {out / "attention_rows.png": attention_rows_preview, out / "eot.png": eot_preview}
+    if not args.overwrite and any(path.exists() for path in previews):
+        raise ConceptExpressError(f"{next(p for p in previews if p.exists())} already exists; nothing was written. "
+                                  "Choose another folder, or add --overwrite.")
     steps, merge_step = _schedule(args)
     settings = TrainSettings(
         steps=steps, merge_step=merge_step, split_tokens=args.split_tokens, learning_rate=args.lr,
@@ -273,13 +278,15 @@ def run_extract(args) -> int:
     bar.close()
     result = export_tokens(tokens, out, prefix=args.prefix, overwrite=args.overwrite,
                            extra={"image": str(image), "model": model})
+    for path, preview in previews.items():
+        _save_png(preview(maps), path)
     if checkpoint.exists():
         checkpoint.unlink()
     final = tokens.history["loss"][-1] if tokens.history.get("loss") else float("nan")
     _say(f"done in {time.perf_counter() - started:.1f} s: {len(result.names)} concept(s), final loss {final:.4f}")
     for path in result.embeddings:
         _say(f"  {path}")
-    _say(f"  {result.manifest} (+ masks, concepts.png, loss.png)")
+    _say(f"  {result.manifest} (+ masks, concepts.png, loss.png, attention_rows.png, eot.png)")
     _say("use them:")
     _say(f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{args.prefix}/ and write "
          f"'embedding:{args.prefix}/{result.names[0]}' in a CLIP Text Encode prompt")
