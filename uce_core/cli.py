@@ -167,19 +167,22 @@ def load_model(args, model: str):
                         tokenizer=args.tokenizer, config=args.config)
 
 
+def _load_announced(args, model: str):
+    backend = load_model(args, model)
+    _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
+    if backend.info.name.startswith("tiny-"):
+        _say("note: tiny models have RANDOM weights; the pipeline runs end to end but the concepts mean nothing")
+    return backend
+
+
 def run_capture(args) -> int:
-    from .attention import capture_attention
     from .previews import attention_rows_preview, eot_preview
 
     image, model = _resolve_inputs(args)
     out = Path(args.out)
     started = time.perf_counter()
-    backend = load_model(args, model)
-    _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
-    if backend.info.name.startswith("tiny-"):
-        _say("note: tiny models have RANDOM weights; their attention shows the method running, not real concepts")
-    maps = capture_attention(backend, image, timestep=args.timestep, prompt=args.capture_prompt, resize=args.resize,
-                             resolution=args.resolution)
+    backend = _load_announced(args, model)
+    maps = _capture(args, backend, image)
     written = [maps.save(out / "attention.safetensors")]
     for name, picture in (("attention_rows.png", attention_rows_preview(maps)), ("eot.png", eot_preview(maps))):
         written.append(_save_png(picture, out / name))
@@ -245,10 +248,7 @@ def run_extract(args) -> int:
     image, model = _resolve_inputs(args)
     out = Path(args.out)
     started = time.perf_counter()
-    backend = load_model(args, model)
-    _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
-    if backend.info.name.startswith("tiny-"):
-        _say("note: tiny models have RANDOM weights; the pipeline runs end to end but the concepts mean nothing")
+    backend = _load_announced(args, model)
     maps = _capture(args, backend, image)
     concepts = _localize(args, maps)
     _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
