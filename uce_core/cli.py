@@ -277,7 +277,7 @@ def run_extract(args) -> int:
                                   resume=args.resume)
     bar.close()
     result = export_tokens(tokens, out, prefix=args.prefix, overwrite=args.overwrite,
-                           extra={"image": str(image), "model": model})
+                           extra={"image": str(Path(image).resolve()), "model": _as_given_or_absolute(model)})
     for path, preview in previews.items():
         _save_png(preview(maps), path)
     if checkpoint.exists():
@@ -299,7 +299,7 @@ def run_generate(args) -> int:
     from .generate import generate_images
 
     tokens = load_exported(args.concepts)
-    model = args.model or tokens.info["source"].get("model") or tokens.info.get("model", {}).get("name") or None
+    model = args.model or tokens.info.get("source", {}).get("model") or tokens.info.get("model", {}).get("name") or None
     if args.demo:
         model = model or DEMO_MODEL
     if not model:
@@ -337,6 +337,11 @@ class _ProgressBar:
     def close(self) -> None:
         if self.tty:
             print(file=sys.stderr, flush=True)
+
+
+def _as_given_or_absolute(model: str) -> str:
+    """A model path made absolute (so that 'generate' finds it from any folder); a model name as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def _save_png(picture, path: Path) -> Path:

@@ -75,7 +75,7 @@ def check_export_target(folder: Path, names: list[str], overwrite: bool) -> tupl
         if existing:
             raise ConceptExpressError(
                 f"{len(existing)} file(s) already exist, e.g. {existing[0]}; nothing was written. "
-                "Choose another folder or prefix, or allow overwriting (--overwrite; the overwrite input on the node)."
+                "Choose another folder or prefix, or allow overwriting (--overwrite; the node's overwrite input)."
             )
     return embeddings, masks
 

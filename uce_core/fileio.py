@@ -18,6 +18,10 @@ from .errors import ConceptExpressError
 _META_KEY = "concept_express"
 
 
+def _exists(path: Path) -> str:
+    return f"{path} already exists; choose another name or allow overwriting (--overwrite; the node's overwrite input)."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True):
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed.
@@ -27,7 +31,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True):
     """
     path = Path(path)
     if not overwrite and path.exists():
-        raise ConceptExpressError(f"{path} already exists; choose another name or allow overwriting (--overwrite; the overwrite input on the node).")
+        raise ConceptExpressError(_exists(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -42,7 +46,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True):
             try:
                 os.link(tmp, path)  # fails if path exists: no silent replacement
             except FileExistsError:
-                raise ConceptExpressError(f"{path} already exists; choose another name or allow overwriting (--overwrite; the overwrite input on the node).") from None
+                raise ConceptExpressError(_exists(path)) from None
             os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
