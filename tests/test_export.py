@@ -99,6 +99,47 @@ def test_existing_files_are_never_replaced_unless_asked(concepts_for, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_replacing_a_set_with_a_smaller_one_leaves_no_stale_concepts(concepts_for, tmp_path):
+    _, three = _tokens(concepts_for, "tiny-sd1", 3)
+    export_tokens(three, tmp_path, prefix="scene")
+    keep = tmp_path / "notes.safetensors"  # a user's own file, not listed by the manifest: never touched
+    keep.write_bytes(b"mine")
+    two = ConceptTokens([v[:2] for v in three.vectors], three.encoder_keys, three.family, three.names[:2],
+                        three.masks[:2], three.image, three.history, three.info)
+    export_tokens(two, tmp_path, prefix="scene", overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("scene_*")) == [
+        "scene_1.safetensors", "scene_1_mask.png", "scene_2.safetensors", "scene_2_mask.png"]
+    assert keep.read_bytes() == b"mine"
+    assert load_exported(tmp_path).names == ["scene_1", "scene_2"]
+
+
+def test_a_prefix_only_needs_to_make_valid_file_names(concepts_for, tmp_path):
+    _, tokens = _tokens(concepts_for, "tiny-sd1")
+    assert export_tokens(tokens, tmp_path, prefix="con").names == ["con_1", "con_2"]  # con_1 is a legal file name
+
+
+def test_an_edited_set_is_one_clear_error(concepts_for, tmp_path):
+    from safetensors.torch import save_file
+
+    _, tokens = _tokens(concepts_for, "tiny-sd1")
+    export_tokens(tokens, tmp_path)
+    original = (tmp_path / "concept_2.safetensors").read_bytes()
+    save_file({"something": torch.zeros(1, 32)}, str(tmp_path / "concept_2.safetensors"))
+    with pytest.raises(ConceptExpressError, match=r"concept_2.safetensors: holds \['something'\]"):
+        load_exported(tmp_path)
+    save_file({"emb_params": torch.zeros(1, 48)}, str(tmp_path / "concept_2.safetensors"))
+    with pytest.raises(ConceptExpressError, match="48-wide emb_params vector where the set's others are 32 wide"):
+        load_exported(tmp_path)
+    (tmp_path / "concept_2.safetensors").write_bytes(original)
+    manifest = (tmp_path / MANIFEST).read_text()
+    (tmp_path / MANIFEST).write_text(manifest.replace('"encoders"', '"encoder_list"'))
+    with pytest.raises(ConceptExpressError, match="incomplete or was edited"):
+        load_exported(tmp_path)
+    (tmp_path / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(ConceptExpressError, match="not a ConceptExpress manifest"):
+        load_exported(tmp_path)
+
+
 def test_names_cannot_escape_the_folder(concepts_for, tmp_path):
     _, tokens = _tokens(concepts_for, "tiny-sd1")
     evil = ConceptTokens(tokens.vectors, tokens.encoder_keys, tokens.family, ["../../escape", "/etc/passwd"],

@@ -10,8 +10,9 @@ One ``<name>.safetensors`` per concept:
 
 Plus ``manifest.json`` (names, files, model family, latent grid, settings, steps, loss history, localization
 parameters), one ``<name>_mask.png`` per concept, ``image.png`` (the image as the model saw it), ``concepts.png``
-(overlay) and ``loss.png``. ``load_exported`` restores the whole concept set from these. Nothing else in the folder
-has an embedding file extension, so ComfyUI lists exactly the concepts as embeddings.
+(overlay) and ``loss.png``. ``load_exported`` restores the whole concept set from these. An export that replaces a
+set (``overwrite=True``) removes the embedding and mask files of the concepts the new set no longer has, so the
+folder's embeddings are exactly the current concepts.
 
 Every file is written atomically (temporary name, then rename). Existing files are never replaced unless
 ``overwrite=True``; the check covers the whole set before anything is written, so a refused export writes
@@ -37,12 +38,15 @@ MANIFEST_FORMAT = "concept-express/manifest/1"
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
 
-def sanitize_name(name: str, what: str = "name") -> str:
+def sanitize_name(name: str, what: str = "name", *, stem: bool = True) -> str:
     """A file-name-safe version of ``name``: letters, digits, '-', '_' and '.'; no leading dot; at most 64 chars.
-    Raises ``ConceptExpressError`` when nothing usable is left."""
+    Raises ``ConceptExpressError`` when nothing usable is left, or (``stem``: the name is a whole file stem) when it is
+    a name Windows reserves (con, nul, com1, ...)."""
     clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("._")[:64]
-    if not clean or clean.lower().split(".")[0] in _WINDOWS_RESERVED:
+    if not clean:
         raise ConceptExpressError(f"{what} {name!r} has no usable characters; use letters, digits, '-' or '_'.")
+    if stem and clean.lower().split(".")[0] in _WINDOWS_RESERVED:
+        raise ConceptExpressError(f"{what} {name!r} is a file name Windows reserves; choose another.")
     return clean
 
 
@@ -56,7 +60,7 @@ def embedding_tensors(tokens: ConceptTokens, index: int) -> dict[str, torch.Tens
 
 def export_names(names: list[str], prefix: str | None = None) -> list[str]:
     """The file names an export uses: ``<prefix>_1..N`` with a prefix, else the sanitised ``names``."""
-    out = ([f"{sanitize_name(prefix, 'prefix')}_{i + 1}" for i in range(len(names))] if prefix
+    out = ([f"{sanitize_name(prefix, 'prefix', stem=False)}_{i + 1}" for i in range(len(names))] if prefix
            else [sanitize_name(n) for n in names])
     if len({n.lower() for n in out}) != len(out):
         raise ConceptExpressError(f"concept names must differ from each other: {out}")
@@ -104,6 +108,7 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
     folder = Path(folder)
     names = export_names(tokens.names, prefix)
     embeddings, masks = check_export_target(folder, names, overwrite)
+    replaced = _previous_set_files(folder) if overwrite else []
     folder.mkdir(parents=True, exist_ok=True)
     header = {"family": tokens.family, "encoders": ",".join(tokens.encoder_keys)}
     for i, path in enumerate(embeddings):
@@ -132,7 +137,19 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
         "source": dict(extra or {}),  # the caller's provenance notes (the CLI: image path, model argument)
     }
     manifest_path = write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, default=str), overwrite)
+    for stale in set(replaced) - set(embeddings) - set(masks):  # concepts of the replaced set that the new one lacks
+        stale.unlink(missing_ok=True)
     return ExportResult(folder, embeddings, manifest_path, names)
+
+
+def _previous_set_files(folder: Path) -> list[Path]:
+    """The embedding and mask files the manifest already in ``folder`` lists (none if there is no readable one)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        entries = manifest["concepts"] if manifest.get("format") == MANIFEST_FORMAT else []
+        return [folder / Path(e[key]).name for e in entries for key in ("file", "mask") if isinstance(e.get(key), str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def overlay(tokens: ConceptTokens):
@@ -155,10 +172,6 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
     """Read an exported concept set: vectors from the embedding files (exactly what ComfyUI and diffusers load),
     latent masks from the mask pictures (each grid cell is a block of pixels; its centre is read), the image, and
     names, history and settings from the manifest."""
-    import numpy as np
-    from PIL import Image
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     path = folder / MANIFEST if folder.is_dir() else folder
     try:
@@ -167,9 +180,21 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
         raise ConceptExpressError(f"{path}: no manifest here; give a folder that an export wrote.") from None
     except ValueError:
         raise ConceptExpressError(f"{path}: the manifest is not valid JSON.") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ConceptExpressError(f"{path}: not a ConceptExpress manifest.")
-    root, keys, family = path.parent, manifest["encoders"], manifest["family"]
+    try:
+        return _read_set(manifest, path.parent)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ConceptExpressError(f"{path}: the concept set is incomplete or was edited ({type(err).__name__}: {err}); "
+                                  "export it again.") from None
+
+
+def _read_set(manifest: dict, root: Path) -> ConceptTokens:
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    keys, family = manifest["encoders"], manifest["family"]
 
     def read(name):
         file = root / Path(name).name  # names from the manifest never leave its folder
@@ -189,9 +214,16 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
     masks = []
     for entry in manifest["concepts"]:
         tensors = read(entry["file"])
-        values = [tensors[k] for k in keys] if family == "sdxl" else [tensors["emb_params"]]
-        for e, value in enumerate(values):
-            vectors[e].append(value.reshape(-1).float())
+        wanted = keys if family == "sdxl" else ["emb_params"]
+        if set(wanted) - set(tensors):
+            raise ConceptExpressError(f"{root / entry['file']}: holds {sorted(tensors)}, not the {wanted} of a "
+                                      f"{family} concept; export the set again.")
+        for e, key in enumerate(wanted):
+            value = tensors[key].reshape(-1).float()
+            if vectors[e] and value.shape != vectors[e][0].shape:
+                raise ConceptExpressError(f"{root / entry['file']}: a {value.numel()}-wide {key} vector where the set's "
+                                          f"others are {vectors[e][0].numel()} wide; export the set again.")
+            vectors[e].append(value)
         masks.append(torch.from_numpy(read(entry["mask"])[np.ix_(ys, xs)] > 127))
     return ConceptTokens([torch.stack(v) for v in vectors], keys, family, [c["name"] for c in manifest["concepts"]],
                          torch.stack(masks), torch.from_numpy(image.copy()), manifest.get("history", {}),
