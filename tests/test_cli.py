@@ -23,6 +23,7 @@ def _cli(*args, cwd=None):
     (["extract", "--demo", "--steps", "500"], (500, 100)),  # an explicit length gets the paper's merge step
     (["extract", "--demo", "--steps", "40", "--merge-step", "8"], (40, 8)),
     (["extract", "photo.png", "--model", "m", "--merge-step", "0"], (500, 0)),
+    (["extract", "photo.png", "--model", "m", "--steps", "80"], (80, 16)),  # too short for step 100: a fifth
 ])
 def test_training_schedule_defaults(argv, expected):
     args = cli.build_parser().parse_args(argv)
@@ -78,3 +79,40 @@ def test_extract_keeps_an_interrupted_runs_checkpoint(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert checkpoint.read_bytes() == b"progress of an interrupted run"
     assert sorted(p.name for p in out.iterdir()) == [checkpoint.name]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--concepts", "x", "--prompt", "{1}", "--sampling-steps", "0"], "--sampling-steps: 0 is too small"),
+    (["capture", "--demo", "--timestep", "5000"], "--timestep: 5000 is out of range: give 0..999"),
+    (["extract", "--demo", "--steps", "ten"], "--steps: 'ten' is not a whole number"),
+])
+def test_out_of_range_numbers_are_refused_before_any_work(argv, message):
+    result = _cli(*argv)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_device_or_output_folder_is_one_clear_line(tmp_path):
+    bad_device = _cli("capture", "--demo", "--device", "quantum", "--out", str(tmp_path / "a"))
+    assert bad_device.returncode == 1 and "'quantum' is not a device name" in bad_device.stderr
+    a_file = tmp_path / "taken"
+    a_file.write_text("a file where the folder should go")
+    result = _cli("extract", "--demo", "--steps", "2", "--out", str(a_file))
+    assert result.returncode == 1 and "is a file, not a folder" in result.stderr
+    assert "model:" not in result.stdout  # refused before loading anything
+    for failed in (bad_device, result):
+        assert failed.stderr.strip().count("\n") == 0 and "Traceback" not in failed.stderr
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    out = tmp_path / "out"
+    run = ["extract", "--demo", "--steps", "4", "--merge-step", "2", "--out", str(out)]
+    diverged = _cli(*run, "--lr", "1e30")
+    assert diverged.returncode == 1 and "diverged" in diverged.stderr and "--resume --dtype float32" in diverged.stderr
+    checkpoint = out / cli.CHECKPOINT
+    kept = checkpoint.read_bytes()
+    other = _cli(*run, "--lr", "1e-3", "--resume")
+    assert other.returncode == 1 and "belongs to a run with other settings" in other.stderr
+    assert checkpoint.read_bytes() == kept and not (out / "manifest.json").exists()
+    again = _cli(*run, "--lr", "1e-3", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert not checkpoint.exists() and (out / "manifest.json").exists()

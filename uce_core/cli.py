@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ DEMO_MODEL = "tiny-sd1"
 # --demo trains a short schedule in the paper's split/merged proportion (1:4) so that the demo finishes in under a
 # minute on a CPU: the tiny model's random weights have nothing more to learn. --steps/--merge-step override it.
 DEMO_STEPS, DEMO_MERGE_STEP = 100, 20
+CHECKPOINT = ".training-checkpoint.safetensors"  # in the output folder while extract trains; removed after export
 
 _DESCRIPTION = """\
 ConceptExpress: find the concepts in one image (no masks, no words, no count) and learn one
@@ -23,6 +25,22 @@ textual-inversion token per concept with your own Stable Diffusion checkpoint.
 Models: a single-file .safetensors/.ckpt of SD1.x, SD2.x or SDXL, a diffusers folder, or one of the
 random-weight test models tiny-sd1, tiny-sd2, tiny-sdxl (their output is meaningless; for trying things out).
 """
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low}..{high}" if high is not None
+                                             else f"{value} is too small: give at least {low}")
+        return value
+
+    return parse
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +59,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 def _capture_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attention capture")
-    group.add_argument("--timestep", type=int, default=0, help="timestep of the capture pass (default 0, the reference's)")
+    group.add_argument("--timestep", type=_int_at_least(0, 999), default=0, help="timestep of the capture pass (default 0, the reference's)")
     group.add_argument("--capture-prompt", default="", help='prompt of the capture pass (default "", the reference\'s)')
     group.add_argument("--resize", choices=["keep", "stretch"], default="keep",
                        help="keep the aspect ratio (default) or stretch to a square like the reference")
-    group.add_argument("--resolution", type=int, help="working resolution in pixels (default: the model's native one)")
+    group.add_argument("--resolution", type=_int_at_least(64), help="working resolution in pixels (default: the model's native one)")
 
 
 def _localize_options(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +80,10 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
     d = TrainSettings()
     group = parser.add_argument_group("token learning")
-    group.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; {DEMO_STEPS} with --demo)")
-    group.add_argument("--merge-step", type=int,
-                       help=f"step at which split tokens merge (default {d.merge_step}; {DEMO_MERGE_STEP} with --demo)")
+    group.add_argument("--steps", type=_int_at_least(1), help=f"training steps (default {d.steps}; {DEMO_STEPS} with --demo)")
+    group.add_argument("--merge-step", type=_int_at_least(0),
+                       help=f"step at which split tokens merge (default {d.merge_step}, or a fifth of --steps when "
+                            f"that is shorter; {DEMO_MERGE_STEP} with --demo)")
     group.add_argument("--split-tokens", type=int, default=d.split_tokens, help=f"tokens per concept before merging (default {d.split_tokens})")
     group.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
     group.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight, help=f"alpha (default {d.contrastive_weight:g})")
@@ -101,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Stage 1: run the UNet once on the image and save the aggregated "
                                          "self-attention and the end-of-text attention map, with previews.")
     capture.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
-    capture.add_argument("--out", default="output", help="output folder (default: ./output)")
+    capture.add_argument("--out", default="output/capture", help="output folder (default: ./output/capture)")
+    capture.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
     _model_options(capture)
     _capture_options(capture)
     capture.set_defaults(run=run_capture)
@@ -110,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Stage 2: FINCH clustering of the aggregated self-attention, end-of-text "
                                           "filtering and constrained merging; writes concepts.safetensors and an overlay.")
     localize.add_argument("source", nargs="?", help="attention.safetensors from 'capture', or an image (captured first)")
-    localize.add_argument("--out", default="output", help="output folder (default: ./output)")
+    localize.add_argument("--out", default="output/localize", help="output folder (default: ./output/localize)")
+    localize.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
     _model_options(localize)
     _capture_options(localize)
     _localize_options(localize)
@@ -134,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--concepts", required=True, help="a folder written by 'extract'")
     generate.add_argument("--prompt", required=True, help='e.g. "a photo of {1} on the beach"')
     generate.add_argument("--negative", default="", help="negative prompt")
-    generate.add_argument("--count", type=int, default=4, help="images to render (default 4)")
+    generate.add_argument("--count", type=_int_at_least(1), default=4, help="images to render (default 4)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    generate.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps (default 50)")
+    generate.add_argument("--sampling-steps", type=_int_at_least(1), default=50, help="DDIM steps (default 50)")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     generate.add_argument("--out", help="output folder (default: CONCEPTS/images)")
     _model_options(generate)
@@ -167,6 +188,25 @@ def load_model(args, model: str):
                         tokenizer=args.tokenizer, config=args.config)
 
 
+def _output_folder(out: Path, overwrite: bool, names: tuple[str, ...] = ()) -> Path:
+    """Make sure ``out`` is a writable folder, and (unless ``overwrite``) that none of ``names`` exists in it, before
+    any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ConceptExpressError(f"{out} is a file, not a folder; give --out a folder.")
+    if not overwrite:
+        existing = [out / name for name in names if (out / name).exists()]
+        if existing:
+            raise ConceptExpressError(f"{existing[0]} already exists; nothing was written. Choose another folder, "
+                                      "or add --overwrite.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ConceptExpressError(f"cannot write into {out} ({err.strerror or err}); choose another --out.") from None
+    return out
+
+
 def _load_announced(args, model: str):
     backend = load_model(args, model)
     _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
@@ -179,7 +219,7 @@ def run_capture(args) -> int:
     from .previews import attention_rows_preview, eot_preview
 
     image, model = _resolve_inputs(args)
-    out = Path(args.out)
+    out = _output_folder(Path(args.out), args.overwrite, ("attention.safetensors", "attention_rows.png", "eot.png"))
     started = time.perf_counter()
     backend = _load_announced(args, model)
     maps = _capture(args, backend, image)
@@ -210,10 +250,10 @@ def _localize(args, maps):
 def run_localize(args) -> int:
     from .attention import AttentionMaps
 
-    out = Path(args.out)
     source = args.source or (str(EXAMPLE_IMAGE) if args.demo else None)
     if source is None:
         raise ConceptExpressError("give attention.safetensors from 'capture', an image, or --demo")
+    out = _output_folder(Path(args.out), args.overwrite, ("concepts.safetensors", "concepts.png"))
     if source.endswith(".safetensors"):
         maps = AttentionMaps.load(source)
     else:
@@ -234,29 +274,32 @@ def _schedule(args) -> tuple[int, int]:
 
     demo = args.demo and args.steps is None
     steps = DEMO_STEPS if demo else TrainSettings.steps if args.steps is None else args.steps
-    merge_step = args.merge_step if args.merge_step is not None else DEMO_MERGE_STEP if demo else TrainSettings.merge_step
+    if args.merge_step is not None:
+        merge_step = args.merge_step
+    elif demo:
+        merge_step = DEMO_MERGE_STEP
+    else:  # the paper's step 100, or a fifth of a run too short to reach it (the paper's proportion)
+        merge_step = TrainSettings.merge_step if steps > TrainSettings.merge_step else steps // 5
     if demo:
         _say(f"demo schedule: {steps} steps, merge at {merge_step} (the paper's is 500, merge at 100: set --steps 500)")
     return steps, merge_step
 
 
 def run_extract(args) -> int:
-    from .export import check_export_target, export_names, export_tokens
+    from .export import check_export_target, export_names, export_tokens, sanitize_name
     from .previews import attention_rows_preview, eot_preview
-    from .train import TrainSettings, train_concept_tokens
+    from .train import TrainSettings, checkpoint_fingerprint, run_fingerprint, train_concept_tokens
 
     image, model = _resolve_inputs(args)
-    out = Path(args.out)
+    previews = {"attention_rows.png": attention_rows_preview, "eot.png": eot_preview}
+    out = _output_folder(Path(args.out), args.overwrite, tuple(previews))
+    prefix = sanitize_name(args.prefix, "prefix", stem=False)
     started = time.perf_counter()
     backend = _load_announced(args, model)
     maps = _capture(args, backend, image)
     concepts = _localize(args, maps)
     _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
-    check_export_target(out, export_names([""] * len(concepts), args.prefix), args.overwrite)
-    previews = {out / "attention_rows.png": attention_rows_preview, out / "eot.png": eot_preview}
-    if not args.overwrite and any(path.exists() for path in previews):
-        raise ConceptExpressError(f"{next(p for p in previews if p.exists())} already exists; nothing was written. "
-                                  "Choose another folder, or add --overwrite.")
+    check_export_target(out, export_names([""] * len(concepts), prefix), args.overwrite)
     steps, merge_step = _schedule(args)
     settings = TrainSettings(
         steps=steps, merge_step=merge_step, split_tokens=args.split_tokens, learning_rate=args.lr,
@@ -266,20 +309,28 @@ def run_extract(args) -> int:
         checkpoint_every=args.checkpoint_every,
     )
     settings.validate()
-    checkpoint = out / ".training-checkpoint.safetensors"
+    checkpoint = out / CHECKPOINT
     if checkpoint.exists() and not args.resume:
         if not args.overwrite:
             raise ConceptExpressError(f"{out} holds the checkpoint of an interrupted run: add --resume to continue it, "
                                       "or --overwrite to start again")
         checkpoint.unlink()
+    if args.resume:
+        if not checkpoint.exists():
+            _say(f"nothing to resume in {out}: training starts at step 0")
+        elif checkpoint_fingerprint(checkpoint) != run_fingerprint(backend.info, concepts, settings):
+            raise ConceptExpressError(
+                f"the checkpoint in {out} belongs to a run with other settings, another image or another model "
+                "family; resume with the interrupted run's options (--dtype may change), or add --overwrite instead "
+                "of --resume to start again")
     bar = _ProgressBar(settings.steps)
     tokens = train_concept_tokens(backend, concepts, settings, progress=bar.update, checkpoint=checkpoint,
                                   resume=args.resume)
     bar.close()
-    result = export_tokens(tokens, out, prefix=args.prefix, overwrite=args.overwrite,
+    result = export_tokens(tokens, out, prefix=prefix, overwrite=args.overwrite,
                            extra={"image": str(Path(image).resolve()), "model": _as_given_or_absolute(model)})
-    for path, preview in previews.items():
-        _save_png(preview(maps), path)
+    for name, preview in previews.items():
+        _save_png(preview(maps), out / name)
     if checkpoint.exists():
         checkpoint.unlink()
     final = tokens.history["loss"][-1] if tokens.history.get("loss") else float("nan")
@@ -288,8 +339,8 @@ def run_extract(args) -> int:
         _say(f"  {path}")
     _say(f"  {result.manifest} (+ masks, concepts.png, loss.png, attention_rows.png, eot.png)")
     _say("use them:")
-    _say(f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{args.prefix}/ and write "
-         f"'embedding:{args.prefix}/{result.names[0]}' in a CLIP Text Encode prompt")
+    _say(f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{prefix}/ and write "
+         f"'embedding:{prefix}/{result.names[0]}' in a CLIP Text Encode prompt")
     _say(f"  here:    concept-express generate --concepts {out} --prompt \"a photo of {{1}} on the beach\"")
     return 0
 
@@ -305,7 +356,8 @@ def run_generate(args) -> int:
     if not model:
         raise ConceptExpressError("give --model: the model the concepts were learned with (or one of the same family)")
     backend = load_model(args, model)
-    out = Path(args.out or Path(args.concepts) / "images")
+    concepts = Path(args.concepts)
+    out = Path(args.out) if args.out else (concepts if concepts.is_dir() else concepts.parent) / "images"
     images = generate_images(backend, tokens, args.prompt, seed=args.seed, count=args.count, steps=args.sampling_steps,
                              guidance=args.guidance, negative=args.negative)
     stem = "".join(c if c.isalnum() else "-" for c in args.prompt).strip("-")[:60] or "image"
@@ -368,8 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"concept-express: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("concept-express: interrupted", file=sys.stderr)
+        saved = getattr(args, "resume", None) is not None and (Path(args.out) / CHECKPOINT).exists()
+        print("concept-express: interrupted" + ("; the progress is saved: run the same command with --resume to "
+                                                "continue" if saved else ""), file=sys.stderr)
         return 130
+    except OSError as err:  # a disk that fills up or goes away mid-run
+        print(f"concept-express: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,15 +43,31 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True):
         if overwrite:
             os.replace(tmp, path)
         else:
-            try:
-                os.link(tmp, path)  # fails if path exists: no silent replacement
-            except FileExistsError:
-                raise ConceptExpressError(_exists(path)) from None
-            os.unlink(tmp)
+            _place_without_replacing(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _place_without_replacing(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path`` unless ``path`` exists, also when another writer races us."""
+    try:
+        os.link(tmp, path)  # fails if path exists: no silent replacement
+    except FileExistsError:
+        raise ConceptExpressError(_exists(path)) from None
+    except OSError:  # no hard links here (FAT, exFAT, some network shares): claim the name exclusively instead
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise ConceptExpressError(_exists(path)) from None
+        try:
+            os.replace(tmp, path)  # replaces only the empty placeholder we just created
+        except BaseException:
+            os.unlink(path)
+            raise
+        return
+    os.unlink(tmp)
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], None], overwrite: bool = True) -> Path:

@@ -416,6 +416,16 @@ def run_fingerprint(info, concepts: Concepts, settings: TrainSettings) -> str:
     return h.hexdigest()
 
 
+def checkpoint_fingerprint(path: str | os.PathLike) -> str | None:
+    """The run fingerprint a training checkpoint was written for (None if the file is not a readable checkpoint)."""
+    from .fileio import load_tensors
+
+    try:
+        return load_tensors(path, expected_format=CHECKPOINT_FORMAT)[1].get("fingerprint")
+    except ConceptExpressError:
+        return None
+
+
 ProgressCallback = Callable[[int, int, dict], None]
 
 
@@ -461,8 +471,10 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                 except FloatingPointError:
                     raise ConceptExpressError(
                         f"training diverged at step {run.step + 1}: the loss is not a finite number. "
-                        + ("The last good state is in the checkpoint. " if path else "")
-                        + "Try a lower learning rate, float32 weights (--dtype float32), or a different seed."
+                        + ("The last finite state is kept in the checkpoint: resume it with float32 weights "
+                           "(--resume --dtype float32), or start again (--overwrite) with a lower learning rate "
+                           "or another seed." if path else
+                           "Try float32 weights (--dtype float32), a lower learning rate, or another seed.")
                     ) from None
                 for key in run.history:
                     run.history[key].append(losses[key])

@@ -42,6 +42,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (None: cuda when available); one clear error for a name torch does not know or a
+    device this machine does not have."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConceptExpressError(f"device {str(device)!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ConceptExpressError(f"device {device} is not available here (this torch sees "
+                                  f"{torch.cuda.device_count()} CUDA device(s)); use --device cpu or another device.")
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -52,7 +67,7 @@ def load_backend(model: str | os.PathLike, *, device: str | torch.device | None 
                  prediction_type: str | None = None, tokenizer: str | os.PathLike | None = None,
                  config: str | os.PathLike | None = None, seed: int = 0) -> DiffusersBackend:
     """Load ``model`` (see the module docstring) into a ``DiffusersBackend``."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     name = os.fspath(model)
     if name in TINY_MODELS:
