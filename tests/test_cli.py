@@ -1,11 +1,15 @@
 """The CLI main job: extract -> files on disk -> generate, its schedule defaults and its refusals."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -116,3 +120,30 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     again = _cli(*run, "--lr", "1e-3", "--overwrite")
     assert again.returncode == 0, again.stderr
     assert not checkpoint.exists() and (out / "manifest.json").exists()
+
+
+def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    run = ["extract", "--demo", "--steps", "12", "--merge-step", "4", "--checkpoint-every", "1"]
+    whole = _cli(*run, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "stopped"
+    command = [sys.executable, "-m", "concept_express.uce_core.cli", *run, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / cli.CHECKPOINT).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "run the same command with --resume" in stderr
+    assert not (out / "manifest.json").exists()
+
+    resumed = _cli(*run, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    step = int(re.search(r"resumed from step (\d+)", resumed.stderr).group(1))
+    assert 1 <= step < 12  # continued from the checkpoint, not from scratch (which would end the same way)
+    names = json.loads((tmp_path / "whole" / "manifest.json").read_text())["concepts"]
+    for entry in names:
+        expected = load_file(tmp_path / "whole" / entry["file"])["emb_params"]
+        assert torch.equal(load_file(out / entry["file"])["emb_params"], expected), entry["file"]
