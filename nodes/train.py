@@ -85,11 +85,9 @@ class TrainConceptTokens:
                                 concepts.grid, concepts.image.clone(), dict(concepts.info))
             backend = ComfyBackend(model, clip, vae)
             fingerprint = run_fingerprint(backend.info, concepts, settings)
-            if (folder / MANIFEST).exists():
-                previous = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-                if previous.get("info", {}).get("fingerprint") == fingerprint:
-                    tokens = load_exported(folder)  # the same run already finished: reuse it
-                    return _outputs(tokens, prefix, loss_curve)
+            if _saved_fingerprint(folder / MANIFEST) == fingerprint:
+                tokens = load_exported(folder)  # the same run already finished: reuse it
+                return _outputs(tokens, prefix, loss_curve)
             names = export_names([""] * len(concepts), prefix)
             check_export_target(folder, names, overwrite)
             import comfy.model_management
@@ -106,6 +104,15 @@ class TrainConceptTokens:
             checkpoint.unlink(missing_ok=True)
             tokens = load_exported(result.folder)
         return _outputs(tokens, prefix, loss_curve)
+
+
+def _saved_fingerprint(manifest) -> str | None:
+    """The run fingerprint of the set saved under ``manifest`` (None when there is none or it cannot be read: then
+    the export's own check decides whether the folder may be written)."""
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("info", {}).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _outputs(tokens, prefix, loss_curve):

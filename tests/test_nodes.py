@@ -74,3 +74,15 @@ def test_compose_node_takes_names_from_tokens_or_text():
         info = {"embedding_names": ["x/x_1"]}
 
     assert node.compose("{1}", tokens=Tokens())[0] == "embedding:x/x_1"
+
+
+def test_a_damaged_saved_manifest_never_counts_as_the_same_run(tmp_path):
+    from concept_express.nodes.train import _saved_fingerprint
+
+    manifest = tmp_path / "manifest.json"
+    assert _saved_fingerprint(manifest) is None  # no set saved yet
+    manifest.write_text('{"info": {"fingerprint": "abc"}}')
+    assert _saved_fingerprint(manifest) == "abc"
+    for damaged in ('{"info": {"fingerp', "[1, 2]", '{"info": 3}'):
+        manifest.write_text(damaged)
+        assert _saved_fingerprint(manifest) is None
