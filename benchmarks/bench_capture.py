@@ -69,6 +69,15 @@ class Meter:
             peak = _rss_kib("VmHWM") * 1024
         self.seconds = time.perf_counter() - self.start
         self.extra_mib = (peak - self.base) / 2 ** 20
+        self.peak_mib = peak / 2 ** 20  # everything in use at the peak (CUDA: allocated tensors; CPU: resident set)
+
+
+def run_worker(cmd: list[str], env: dict | None = None) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is its JSON result."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[1:4])} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class StackingRecorder:
@@ -173,8 +182,7 @@ def main() -> None:
                "--device", args.device, "--repeat", str(args.repeat)]
         cmd += ["--resolution", str(args.resolution)] if args.resolution else []
         cmd += ["--dtype", args.dtype] if args.dtype else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows[mode] = json.loads(out)
+        rows[mode] = run_worker(cmd)
     first = next(iter(rows.values()))
     print(f"model {first['model']} on {first['device']}, image {first['size'][0]}x{first['size'][1]} px, "
           f"n = {first['n']} (aggregate {first['aggregate_mib']:.0f} MiB), median of {args.repeat}")

@@ -29,14 +29,13 @@ import argparse
 import hashlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_capture import Meter  # noqa: E402  (VmHWM / CUDA peak meter shared with the capture benchmark)
+from bench_capture import Meter, run_worker  # noqa: E402  (VmHWM / CUDA peak meter shared with the capture benchmark)
 
 VARIANTS = ("reference", "ours")
 TARGET_RATIO = 0.5  # issue 4: at most half the reference's time and half its peak memory
@@ -241,10 +240,7 @@ def _cpu_seconds() -> float:
 def measure(variant, path, device, gpu_repeat=20) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--input", str(path), "--device", device,
            "--gpu-repeat", str(gpu_repeat)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(cmd)
 
 
 def bench_size(side: int, rounds: int, device: str, folder: Path) -> None:

@@ -8,8 +8,8 @@ prompt, at equal settings, in one run. A benchmark, not a test.
 Each mode runs in a fresh process: model load, capture of the example image, N hand-made concepts (horizontal
 bands; localization is not what is measured), then ``--steps`` training steps, split phase and merged phase in
 the proportion of the default schedule (merge at 1/5 of the steps). Reported: steps per second over all steps,
-and peak memory: CUDA ``max_memory_allocated`` or, on CPU, the process's peak resident set (VmHWM) minus its size
-before training. Results go in benchmarks/README.md.
+and peak memory (``bench_capture.Meter``): CUDA ``max_memory_allocated`` or, on CPU, the process's peak resident set
+(VmHWM), in all (the 12 GB target is on this) and above what was in use before training. Results go in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -23,20 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rss(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_capture import Meter, load, run_worker  # noqa: E402  (shared with the capture benchmark)
 
 
 def worker(args) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_capture import load
     from concept_express.uce_core.attention import capture_attention
     from concept_express.uce_core.concepts import Concepts
     from concept_express.uce_core.train import TrainSettings, train_concept_tokens
@@ -53,23 +46,10 @@ def worker(args) -> dict:
     concepts = Concepts(masks, features, torch.ones(args.concepts), maps.grid, maps.image, {})
     settings = TrainSettings(steps=args.steps, merge_step=max(1, args.steps // 5), update=args.mode,
                              micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _rss("VmRSS")
-    started = time.perf_counter()
-    train_concept_tokens(backend, concepts, settings)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak, total = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated()
-    else:
-        peak, total = _rss("VmHWM"), _rss("VmHWM")
-    seconds = time.perf_counter() - started
-    return {"mode": args.mode, "steps_per_s": args.steps / seconds, "seconds": seconds,
-            "extra_gib": (peak - base) / 2 ** 30, "peak_gib": total / 2 ** 30, "grid": [h, w],
+    with Meter(device) as meter:
+        train_concept_tokens(backend, concepts, settings)
+    return {"mode": args.mode, "steps_per_s": args.steps / meter.seconds, "seconds": meter.seconds,
+            "extra_gib": meter.extra_mib / 1024, "peak_gib": meter.peak_mib / 1024, "grid": [h, w],
             "device": str(device), "model": args.model}
 
 
@@ -115,17 +95,13 @@ def main() -> None:
         cmd += ["--dtype", args.dtype] if args.dtype else []
         cmd += ["--resolution", str(args.resolution)] if args.resolution else []
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(out.stderr[-2000:])
-            raise SystemExit(f"{mode} failed")
-        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[mode] = run_worker(cmd)
     first = next(iter(rows.values()))
     print(f"model {first['model']} on {first['device']}, latent grid {first['grid'][0]}x{first['grid'][1]}, "
           f"N = {args.concepts}, {args.steps} steps (merge at {max(1, args.steps // 5)})")
-    print(f"{'mode':10s} {'steps/s':>9s} {'seconds':>9s} {'extra GiB':>10s}")
+    print(f"{'mode':10s} {'steps/s':>9s} {'seconds':>9s} {'extra GiB':>10s} {'peak GiB':>9s}")
     for mode, r in rows.items():
-        print(f"{mode:10s} {r['steps_per_s']:9.3f} {r['seconds']:9.1f} {r['extra_gib']:10.2f}")
+        print(f"{mode:10s} {r['steps_per_s']:9.3f} {r['seconds']:9.1f} {r['extra_gib']:10.2f} {r['peak_gib']:9.2f}")
     if "batched" in rows and "reference" in rows:
         print(f"batched vs reference: {rows['batched']['steps_per_s'] / rows['reference']['steps_per_s']:.2f}x the steps/s")
 
