@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from concept_express.uce_core.attention import AttentionMaps, capture_attention
 from concept_express.uce_core.backends.base import Prompt
+from concept_express.uce_core.errors import ConceptExpressError
 from concept_express.uce_core.images import fit_to_model, load_image, to_tensor
 from oracles import aggregate_oracle
 
@@ -115,6 +116,14 @@ def test_recording_does_not_change_the_denoiser_output(tiny_backend):
         recorded = tiny_backend.predict(x, t, cond, recorder)
     assert recorder.calls > 0
     torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_capturing_a_unet_with_query_key_norms_is_one_clear_error(sd1_backend, example_image, monkeypatch):
+    # SD1.x/SD2.x/SDXL attention has no query/key norm; a UNet that has one is another architecture
+    layer = next(m for m in sd1_backend.unet.modules() if isinstance(m, Attention))
+    monkeypatch.setattr(layer, "norm_q", torch.nn.Identity())
+    with pytest.raises(ConceptExpressError, match="query/key norm, which SD1.x, SD2.x and SDXL do not have"):
+        capture_attention(sd1_backend, example_image)
 
 
 def test_non_square_image_keeps_its_aspect(sd1_backend):

@@ -101,11 +101,16 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between resumable checkpoints")
 
 
-def _export_options(parser: argparse.ArgumentParser) -> None:
+def _output_options(parser: argparse.ArgumentParser, folder: str) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", default="output", help="output folder (default: ./output)")
-    group.add_argument("--prefix", default="concept", help="embedding names are PREFIX_1, PREFIX_2, ... (default: concept)")
+    group.add_argument("--out", default=folder, help=f"output folder (default: ./{folder})")
     group.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
+    return group
+
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    group = _output_options(parser, "output")
+    group.add_argument("--prefix", default="concept", help="embedding names are PREFIX_1, PREFIX_2, ... (default: concept)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Stage 1: run the UNet once on the image and save the aggregated "
                                          "self-attention and the end-of-text attention map, with previews.")
     capture.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
-    capture.add_argument("--out", default="output/capture", help="output folder (default: ./output/capture)")
-    capture.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
+    _output_options(capture, "output/capture")
     _model_options(capture)
     _capture_options(capture)
     capture.set_defaults(run=run_capture)
@@ -130,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Stage 2: FINCH clustering of the aggregated self-attention, end-of-text "
                                           "filtering and constrained merging; writes concepts.safetensors and an overlay.")
     localize.add_argument("source", nargs="?", help="attention.safetensors from 'capture', or an image (captured first)")
-    localize.add_argument("--out", default="output/localize", help="output folder (default: ./output/localize)")
-    localize.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
+    _output_options(localize, "output/localize")
     _model_options(localize)
     _capture_options(localize)
     _localize_options(localize)
@@ -259,7 +262,7 @@ def run_localize(args) -> int:
     else:
         args.image = source
         image, model = _resolve_inputs(args)
-        maps = _capture(args, load_model(args, model), image)
+        maps = _capture(args, _load_announced(args, model), image)
     concepts = _localize(args, maps)
     written = [concepts.save(out / "concepts.safetensors"), _save_png(concepts.overlay(), out / "concepts.png")]
     _say(f"found {len(concepts)} concept(s) on a {concepts.grid[0]}x{concepts.grid[1]} grid")

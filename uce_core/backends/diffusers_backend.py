@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ..attention import attention_with_probs, grid_of
+from ..errors import ConceptExpressError
 from .base import AttentionLayer, Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo
 
 PLACEHOLDER_ID = 0  # any real id works: its embedding row is replaced before the encoder sees it
@@ -25,8 +26,6 @@ PLACEHOLDER_ID = 0  # any real id works: its embedding row is replaced before th
 
 def tokenize_prompt(tokenizer, prompt: Prompt, max_length: int, pad_id: int, bos_id: int, eos_id: int):
     """-> (ids[max_length], {slot: position}, end-of-text position). Raises ``ConceptExpressError`` if too long."""
-    from ..errors import ConceptExpressError
-
     ids, slots = [bos_id], {}
     for part in prompt.parts:
         if isinstance(part, Slot):
@@ -214,7 +213,11 @@ class _RecordingProcessor:
         if not self.recorder.wants(layer):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None or attn.spatial_norm is not None or getattr(attn, "norm_q", None) is not None:
-            raise NotImplementedError("recording attention of masked, spatially-normed or QK-normed attention layers")
+            # SD1.x, SD2.x and SDXL UNets have none of these; a UNet that has them is another architecture
+            raise ConceptExpressError(
+                f"this UNet's {layer.kind}-attention at {layer.grid[0]}x{layer.grid[1]} uses an attention mask, spatial "
+                "norm or query/key norm, which SD1.x, SD2.x and SDXL do not have: attention can only be captured "
+                "from those model families.")
         residual = hidden_states
         if spatial:
             b, c, h, w = hidden_states.shape
@@ -236,8 +239,6 @@ class _RecordingProcessor:
 
 def info_from_pipeline(pipe, name: str, prediction_type: str | None = None) -> ModelInfo:
     """Model family, encoders and tokenizer conventions of a diffusers pipeline."""
-    from ..errors import ConceptExpressError
-
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "text_encoder", None) is None or getattr(pipe, "vae", None) is None:
         raise ConceptExpressError(f"{name}: not a Stable Diffusion pipeline (needs unet, vae and text_encoder).")
