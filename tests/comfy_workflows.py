@@ -21,7 +21,7 @@ WORKFLOW_NAMES = ("extract", "reuse")
 # Frontend-only node types: never sent to the server (graphToPrompt skips virtual nodes).
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
-MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+MODE_ALWAYS, MODE_NEVER = 0, 2
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 # A combo whose choices are files on the user's machine (any name is a valid value in a shipped workflow).
@@ -198,7 +198,9 @@ def to_api(workflow: dict, declarations: dict[str, dict]) -> dict:
         if node["type"] in FRONTEND_ONLY or node.get("mode", MODE_ALWAYS) == MODE_NEVER:
             continue
         if node.get("mode", MODE_ALWAYS) != MODE_ALWAYS:
-            raise NotImplementedError(f"node {node['id']} has mode {node['mode']}")
+            # bypassed nodes would need ComfyUI's pass-through rewiring; the shipped workflows have none
+            # (test_workflows checks that they use only enabled and muted nodes)
+            raise ValueError(f"node {node['id']} has mode {node['mode']}: only enabled (0) and muted (2) nodes convert")
         declaration = declarations[node["type"]]
         values = dict(zip([(s.input, s.kind) for s in widget_slots(declaration)], node.get("widgets_values") or []))
         linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
