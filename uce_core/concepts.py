@@ -38,10 +38,6 @@ class Concepts:
     def __len__(self) -> int:
         return int(self.masks.shape[0])
 
-    def feature_map(self, i: int) -> torch.Tensor:
-        """f_i as an (h, w) map."""
-        return self.features[i].view(self.grid)
-
     def masks_at(self, size: tuple[int, int]) -> torch.Tensor:
         """(N, H, W) float masks nearest-upsampled to ``size`` (H, W), e.g. the image resolution."""
         return torch.nn.functional.interpolate(self.masks[:, None].float(), size=size, mode="nearest")[:, 0]

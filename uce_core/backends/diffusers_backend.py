@@ -91,9 +91,6 @@ class DiffusersBackend:
     def target(self, latents, noise, timesteps):
         return self.schedule.target(latents, noise, timesteps)
 
-    def token_ids(self, text: str) -> list[int]:
-        return self.tokenizers[0](text, add_special_tokens=False).input_ids
-
     def token_embeddings(self, encoder: int) -> torch.Tensor:
         """The (vocabulary, width) token-embedding table of text encoder ``encoder`` (read only)."""
         return self.text_encoders[encoder].get_input_embeddings().weight.detach()
