@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                 # CPU, n = 4096 (+ the GPU section when CUDA is present)
     python benchmarks/bench_kernels.py --n 4096 9216   # also n = 9216 (the reference takes ~20 s and 1.6 GiB there)
     python benchmarks/bench_kernels.py --no-oracle     # skip the float64 accuracy check
+    python benchmarks/bench_kernels.py --input scene   # the localization benchmark's synthetic scene instead
 
 CPU: each variant runs in a fresh subprocess on the same deterministic input (attention-like rows, n x n float32). Peak
 memory above the input is the process's high-water mark (VmHWM) during the first call minus its resident size just
@@ -11,7 +12,8 @@ OS sees them. The variants alternate over --rounds rounds, one call per process;
 median call (wall clock), and the best process CPU time (user + sys, all threads: on a shared machine it is less
 disturbed by other processes than wall time, though spinning threads inflate it). Variants:
   reference  ptp_utils.kld_distance + fill_diagonal(1e12) + argmin, numpy float32 (OpenBLAS), as the reference runs
-  fast       sym_kl_first_neighbours(rows) on a CPU tensor (torch float32, MKL), distances included
+  blocked    sym_kl_first_neighbours(rows) with the pruning switched off: the blocked search over every pair
+  fast       sym_kl_first_neighbours(rows) on a CPU tensor, the default (pruned search), distances included
   oracle     float64 numpy, for the accuracy columns only (not timed against the others)
 GPU (CUDA only): n = d = 4096 Triton kernel in IEEE, TF32x3 and TF32 against plain torch (one cuBLAS GEMM + argmin over
 the materialised n x n matrix, fp32 and TF32), accuracy against float64 on the GPU; then n = 16384.
@@ -105,15 +107,28 @@ def oracle_first_neighbours(x: np.ndarray, chunk: int = 512) -> tuple[np.ndarray
     return kappa, gap
 
 
-def cpu_worker(variant: str, n: int, threads: int, out_path: str) -> None:
+def scene_rows(n: int) -> np.ndarray:
+    """The self-attention of the localization benchmark's synthetic scene (uce_core.synthetic, seed 0) on a grid of n."""
+    from concept_express.uce_core.synthetic import SceneSpec, make_scene
+
+    side = int(round(n**0.5))
+    assert side * side == n, "n must be a square (a latent grid)"
+    return make_scene(SceneSpec(grid=(side, side)), 0).maps.self_attention.numpy()
+
+
+INPUTS = {"bumps": attention_like_rows, "scene": scene_rows}
+
+
+def cpu_worker(variant: str, n: int, threads: int, out_path: str, source: str) -> None:
     """One call of one variant in this fresh process: time, and peak memory above the input."""
     import torch
 
     torch.set_num_threads(threads)
-    from concept_express.kernels import sym_kl_first_neighbours
+    from concept_express.kernels import sym_kl_first_neighbours, sym_kl_pruned
 
+    make_rows = INPUTS[source]
     if variant == "oracle":
-        kappa, gap = oracle_first_neighbours(attention_like_rows(n))
+        kappa, gap = oracle_first_neighbours(make_rows(n))
         np.save(out_path, np.stack([kappa.astype(np.float64), gap]))
         print(json.dumps({"variant": variant}))
         return
@@ -121,10 +136,12 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str) -> None:
         def call(x):
             return reference_first_neighbours(x)
     else:
+        sym_kl_pruned.ENABLED = variant == "fast"
+
         def call(x):
             return sym_kl_first_neighbours(torch.from_numpy(x))[0].numpy()
     call(attention_like_rows(256, seed=1))  # load libraries, BLAS buffers, thread pools
-    x = attention_like_rows(n)
+    x = make_rows(n)
     _reset_peak()
     before = _memory_kib()["VmRSS"]
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -137,8 +154,9 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str) -> None:
                       "input_mib": x.nbytes / 2**20, "load": os.getloadavg()[0]}))
 
 
-def _worker(variant: str, n: int, threads: int, path: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--n", str(n), "--threads", str(threads), "--out", path]
+def _worker(variant: str, n: int, threads: int, path: str, source: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--n", str(n), "--threads", str(threads), "--out", path,
+           "--input", source]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -147,20 +165,21 @@ def _worker(variant: str, n: int, threads: int, path: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_cpu(sizes, rounds: int, threads: int, oracle: bool) -> None:
-    """Rounds alternate the variants (reference, fast, reference, fast, ...), each call in a fresh process, so that
-    both see the same machine conditions; we report the best and the median call, and the largest peak."""
-    print(f"\n== CPU: {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start ==")
-    variants = ("reference", "fast")
+def run_cpu(sizes, rounds: int, threads: int, oracle: bool, source: str) -> None:
+    """Rounds alternate the variants (reference, blocked, fast, reference, ...), each call in a fresh process, so that
+    all see the same machine conditions; we report the best and the median call, and the largest peak."""
+    print(f"\n== CPU: {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start, "
+          f"input {source!r} ==")
+    variants = ("reference", "blocked", "fast")
     for n in sizes:
         runs = {v: [] for v in variants}
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(rounds):
                 for v in variants:
-                    runs[v].append(_worker(v, n, threads, os.path.join(tmp, f"{v}.npy")))
+                    runs[v].append(_worker(v, n, threads, os.path.join(tmp, f"{v}.npy"), source))
             kappas = {v: np.load(os.path.join(tmp, f"{v}.npy")) for v in variants}
             if oracle:
-                _worker("oracle", n, threads, os.path.join(tmp, "oracle.npy"))
+                _worker("oracle", n, threads, os.path.join(tmp, "oracle.npy"), source)
                 kappa64, gap = np.load(os.path.join(tmp, "oracle.npy"))
         stats = {v: {"best": min(r["seconds"] for r in runs[v]),
                      "median": statistics.median(r["seconds"] for r in runs[v]),
@@ -173,11 +192,13 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool) -> None:
         for v in variants:
             r = stats[v]
             print(f"{v:<11}{r['best']:>9.3f}{r['median']:>10.3f}{r['cpu']:>12.3f}{r['peak']:>22.1f}")
-        ref, fast = stats["reference"], stats["fast"]
-        print(f"speed-up reference/fast: {ref['best'] / fast['best']:.2f}x (best), "
-              f"{ref['median'] / fast['median']:.2f}x (median), {ref['cpu'] / fast['cpu']:.2f}x (CPU time); "
-              f"memory fast/reference: {fast['peak'] / ref['peak']:.2f}")
-        print(f"first neighbours differing, fast vs reference: {(kappas['fast'] != kappas['reference']).sum()} of {n}")
+        ref = stats["reference"]
+        for v in ("blocked", "fast"):
+            r = stats[v]
+            print(f"speed-up reference/{v}: {ref['best'] / r['best']:.2f}x (best), "
+                  f"{ref['median'] / r['median']:.2f}x (median), {ref['cpu'] / r['cpu']:.2f}x (CPU time); "
+                  f"memory {v}/reference: {r['peak'] / ref['peak']:.2f}")
+            print(f"first neighbours differing, {v} vs reference: {(kappas[v] != kappas['reference']).sum()} of {n}")
         if oracle:
             kappa64 = kappa64.astype(np.int64)
             ties = gap < TIE_RTOL
@@ -280,14 +301,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-oracle", action="store_true", help="skip the float64 accuracy columns on the CPU")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--input", choices=sorted(INPUTS), default="bumps",
+                        help="CPU rows: attention-like bumps (default) or the synthetic scene of bench_localize")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        cpu_worker(args.worker, args.n[0], args.threads, args.out)
+        cpu_worker(args.worker, args.n[0], args.threads, args.out, args.input)
         return
     if not args.skip_cpu:
-        run_cpu(args.n, args.rounds, args.threads, oracle=not args.no_oracle)
+        run_cpu(args.n, args.rounds, args.threads, oracle=not args.no_oracle, source=args.input)
     import torch
 
     if torch.cuda.is_available():

@@ -45,13 +45,21 @@ def cluster_means(rows: torch.Tensor, labels: torch.Tensor, num_clusters: int | 
     k = used if num_clusters is None else num_clusters
     if labels.numel() and (int(labels.min()) < 0 or used > k):
         raise ValueError(f"labels must lie in [0, {k})")
-    d = rows.shape[1]
-    sums = torch.zeros(k, d, dtype=accumulation_dtype(rows.device), device=rows.device)
-    for part in row_chunks(rows.shape[0], d, rows.device):
-        chunk = torch.nan_to_num(rows[part].to(sums.dtype), nan=0.0, posinf=0.0, neginf=0.0)
-        sums.index_add_(0, labels[part], chunk)
+    sums = _segment_sums(rows, labels, k, finite_only=False)
+    if not bool(torch.isfinite(sums).all()):  # a member row holds NaN or inf (a finite float32 sum cannot overflow)
+        sums = _segment_sums(rows, labels, k, finite_only=True)
     counts = torch.bincount(labels, minlength=k).clamp(min=1)
     return (sums / counts.unsqueeze(1)).float()
+
+
+def _segment_sums(rows: torch.Tensor, labels: torch.Tensor, k: int, finite_only: bool) -> torch.Tensor:
+    sums = torch.zeros(k, rows.shape[1], dtype=accumulation_dtype(rows.device), device=rows.device)
+    for part in row_chunks(rows.shape[0], rows.shape[1], rows.device):
+        chunk = rows[part].to(sums.dtype)
+        if finite_only:
+            chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+        sums.index_add_(0, labels[part], chunk)
+    return sums
 
 
 def _edge_list(num_nodes: int, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,19 +21,30 @@ from concept_express.kernels import (
     sym_kl_first_neighbours,
     sym_kl_pair_distances,
 )
-from concept_express.kernels import _device, _dispatch, sym_kl_search, sym_kl_torch
+from concept_express.kernels import _device, _dispatch, sym_kl_pruned, sym_kl_search, sym_kl_torch
 from concept_express.kernels.sym_kl_reference import reference_distance_matrix
 
 TIE_RTOL = 1e-4
-# "torch" on a CPU tensor runs the blocked search in numpy; "torch-engine" runs the same blocks in torch, as a CUDA
-# tensor does when triton is missing; "triton" runs the kernels (under the interpreter without a GPU).
-BACKENDS = ["torch", "torch-engine", "triton"]
+# "torch" on a CPU tensor runs the default: the pruned search from MIN_ROWS rows on, the blocked search in numpy below;
+# "torch-pruned" forces the pruned search on any size, in small groups, even where it keeps every pair;
+# "torch-engine" runs the blocked search's blocks in torch, as a CUDA tensor does when triton is missing; "triton" runs
+# the kernels (under the interpreter without a GPU).
+BACKENDS = ["torch", "torch-pruned", "torch-engine", "triton"]
 
 
 @pytest.fixture(autouse=True)
 def _engine(request, monkeypatch):
     if "torch-engine" in request.node.name:
         monkeypatch.setattr(sym_kl_search, "CPU_ENGINE", "torch")
+    if "torch-pruned" in request.node.name:
+        force_pruning(monkeypatch)
+
+
+def force_pruning(monkeypatch, group_rows: int = 16):
+    monkeypatch.setattr(sym_kl_pruned, "MIN_ROWS", 2)
+    monkeypatch.setattr(sym_kl_pruned, "PROJECTION_DIM", 4)
+    monkeypatch.setattr(sym_kl_pruned, "GROUP_ROWS", group_rows)
+    monkeypatch.setattr(sym_kl_pruned, "MAX_KEPT_FRACTION", 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------- oracle
@@ -101,7 +112,7 @@ def run(rows, others=None, backend="torch", **kw):
     t = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
     o = torch.from_numpy(others) if isinstance(others, np.ndarray) else others
     kappa, dist = sym_kl_first_neighbours(t.to(device), None if o is None else o.to(device),
-                                          backend=backend.replace("torch-engine", "torch"), **kw)
+                                          backend="triton" if backend == "triton" else "torch", **kw)
     return kappa.cpu(), dist.cpu()
 
 
@@ -194,6 +205,15 @@ def test_exact_ties_go_to_the_lowest_index(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_ties_among_the_rows_go_to_the_lowest_other_index(backend):
+    rows = well_separated(64, 100, seed=7)
+    rows[[9, 30, 51]] = rows[40]  # four identical rows: 9 < 30 < 40 < 51
+    kappa, dist = run(rows, backend=backend)
+    assert kappa[[9, 30, 40, 51]].tolist() == [30, 9, 9, 9]
+    assert dist[[9, 30, 40, 51]].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_centroids_against_each_other(backend):
     """FINCH's coarser levels: a few dozen rows, d not a multiple of any block size."""
     rows = random_walk(37, 300, seed=8, step=0.3)
@@ -280,6 +300,73 @@ def test_every_triton_precision_is_accepted(precision):
     rows = well_separated(128, 64, seed=13)
     kappa, dist = run(rows, backend="triton", precision=precision)
     check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True, allow_ties=False)
+
+
+# ---------------------------------------------------------------------------------------------- pruned search
+def grid_attention(side: int, seed: int) -> np.ndarray:
+    """Rows like aggregated self-attention on a side x side grid: each cell attends to nearby cells (a bump of random
+    width) and more to cells of its own region (four quadrants of random size), with logit noise, plus 0.1 % uniform
+    mass (no zeros, as in aggregated attention), prepared as the ops prepare them."""
+    rng = np.random.default_rng(seed)
+    yx = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1).reshape(-1, 2).astype(float)
+    region = 2 * (yx[:, 0] > side * rng.uniform(0.3, 0.7)) + (yx[:, 1] > side * rng.uniform(0.3, 0.7))
+    d2 = ((yx[:, None, :] - yx[None, :, :]) ** 2).sum(-1)
+    width = rng.uniform(side / 16, side / 6, (side * side, 1))
+    logits = -d2 / (2 * width**2) + 2.0 * (region[:, None] == region[None, :]) + rng.normal(0, 0.3, d2.shape)
+    return prepare_distributions(torch.from_numpy(0.999 * softmax_rows(logits) + 0.001 / len(yx))).numpy()
+
+
+def oracle_by_identity(a: np.ndarray) -> np.ndarray:
+    """The definition expanded, d_ij = 1/2 (a_i.log a_i + a_j.log a_j - a_i.log a_j - a_j.log a_i), in float64 (errors
+    ~1e-14, far below the tie tolerance): the oracle for fixtures too large for the elementwise one."""
+    a = a.astype(np.float64)
+    la = np.log(a)
+    h = (a * la).sum(axis=1)
+    cross = a @ la.T
+    return 0.5 * (h[:, None] + h[None, :] - cross - cross.T)
+
+
+def pruned_call(rows: np.ndarray):
+    a = prepare_distributions(torch.from_numpy(rows))
+    ((la, ha),) = sym_kl_torch.shifted_log_terms(a)
+    stats = {}
+    return sym_kl_pruned.first_neighbours_pruned(a, la, ha, stats), stats
+
+
+def test_pruned_search_skips_most_pairs_and_still_finds_the_exact_neighbours():
+    rows = grid_attention(32, seed=11)  # n = d = 1024: the default settings apply
+    kappa, stats = pruned_call(rows)
+    assert kappa is not None
+    n = rows.shape[0]
+    assert stats["pairs"] < 0.25 * n * (n - 1) / 2
+    oracle = oracle_by_identity(rows)
+    dist = sym_kl_pair_distances(torch.from_numpy(rows), torch.arange(n), kappa)
+    check_first_neighbours(kappa, dist, oracle, exclude_self=True)
+    # The public call takes this path at this size, and switching it off gives the same answer.
+    assert torch.equal(run(rows)[0], kappa)
+
+
+def test_pruned_search_hands_rows_without_structure_to_the_blocked_search():
+    rows = softmax_rows(np.random.default_rng(12).normal(0.0, 1.0, (1024, 512)))
+    kappa, _ = pruned_call(rows)
+    assert kappa is None  # the bounds would keep nearly every pair
+    kappa, dist = run(rows)
+    check_first_neighbours(kappa, dist, oracle_by_identity(rows), exclude_self=True)
+
+
+@pytest.mark.parametrize("fixture", ["grid", "random walk", "well separated"])
+def test_projected_bound_never_exceeds_the_distance(fixture):
+    rows = {"grid": lambda: grid_attention(16, seed=13), "random walk": lambda: random_walk(256, 256, seed=14),
+            "well separated": lambda: well_separated(256, 256, seed=15)}[fixture]()
+    x = sym_kl_pruned._coordinates(rows, 16)
+    bound = 2.0 * ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    oracle = oracle_distances(rows)
+    assert (bound <= oracle * (1 + 1e-9) + 1e-12).all()
+    if fixture == "grid":  # and it is not vacuous: near neighbours are bounded to within a small factor
+        np.fill_diagonal(oracle, np.inf)
+        nearest = oracle.argmin(axis=1)
+        rows_ = np.arange(len(rows))
+        assert np.median(bound[rows_, nearest] / oracle[rows_, nearest]) > 0.25
 
 
 # -------------------------------------------------------------------------------------------- reference mode
