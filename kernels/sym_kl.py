@@ -27,8 +27,9 @@ def sym_kl_first_neighbours(rows: torch.Tensor, others: torch.Tensor | None = No
     backend: "auto" (Triton for CUDA tensors when triton imports, else torch), "triton" or "torch".
     precision: Triton's tl.dot input precision, "ieee" | "tf32x3" | "tf32" (the torch path is always plain fp32).
     mode: torch path only. "fast" (default): blocked float32 search, about one n x n x d GEMM of work and no n x n
-    matrix; a CPU tensor of MIN_ROWS rows or more against itself first tries the pruned search (``sym_kl_pruned``:
-    exact, skips the pairs a cheap lower bound rules out, typically 80-90 % on attention rows). "reference": the reference's numpy float32 arithmetic, bitwise the same first neighbours and distances as
+    matrix; rows of a CPU tensor against each other (from sym_kl_pruned.MIN_ROWS rows on) first try the pruned
+    search (``sym_kl_pruned``: exact, it skips the pairs a lower bound rules out, 80-90 % on attention rows).
+    "reference": the reference's numpy float32 arithmetic, bitwise the same first neighbours and distances as
     ptp_utils.kld_distance + np.argmin on the same rows (n x n memory; for verification).
 
     Distances: in "fast" mode and on Triton, d(i, kappa_i) is recomputed from the definition for the chosen pairs
