@@ -151,7 +151,8 @@ def first_neighbours_triton(a: torch.Tensor, la: torch.Tensor, ha: torch.Tensor,
     m, d = a.shape
     n = b.shape[0]
     key = _device_key(a.device)
-    if config is not None:
+    given = config is not None
+    if given:
         candidates = [config]
     elif key in _working_config:
         candidates = [_working_config[key]]
@@ -164,7 +165,8 @@ def first_neighbours_triton(a: torch.Tensor, la: torch.Tensor, ha: torch.Tensor,
         except OutOfResources:  # the shared-memory estimate was too optimistic: go smaller
             if k == len(candidates) - 1:
                 raise
-    _working_config.setdefault(key, config)
+    if not given:  # a config the caller chose says nothing about what the default launch should use
+        _working_config.setdefault(key, config)
     best = part_val.min(dim=0, keepdim=True).values
     return torch.where(part_val == best, part_idx, n).min(dim=0).values.long()
 

@@ -252,9 +252,12 @@ def test_zeros_nans_and_infs_never_give_nan(backend):
     check_first_neighbours(kappa, dist, oracle_distances(prepared), exclude_self=True)
 
 
-def test_triton_tile_config_with_several_k_steps_and_ragged_edges():
+def test_triton_tile_config_with_several_k_steps_and_ragged_edges(monkeypatch):
     pytest.importorskip("triton")
+    from concept_express.kernels import sym_kl_triton as st
     from concept_express.kernels.sym_kl_triton import TileConfig, first_neighbours_triton
+
+    monkeypatch.setattr(st, "_working_config", {})
 
     rows = random_walk(100, 72, seed=11, step=0.3)
     others = random_walk(70, 72, seed=12, step=0.3)
@@ -268,6 +271,7 @@ def test_triton_tile_config_with_several_k_steps_and_ragged_edges():
     kappa = first_neighbours_triton(a, la, ha, b, lb, hb, config=config).cpu()
     oracle = oracle_distances(rows, others)
     check_first_neighbours(kappa, torch.from_numpy(oracle[np.arange(100), kappa.numpy()]), oracle, exclude_self=False)
+    assert st._working_config == {}  # a config the caller chose is not remembered as the device's default
 
 
 def test_triton_launcher_falls_back_to_a_smaller_tile_when_out_of_resources(monkeypatch):
