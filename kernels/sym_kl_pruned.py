@@ -30,6 +30,8 @@ pairs would be computed, ``first_neighbours_pruned`` returns None and the caller
 import numpy as np
 import torch
 
+from .sym_kl_search import keep_better
+
 ENABLED = True  # tests and benchmarks switch it off to compare with the blocked search
 MIN_ROWS = 1024  # below this the full search takes milliseconds
 PROJECTION_DIM = 32  # k: dimensions of the bound
@@ -141,10 +143,10 @@ class _Search:
             cross = self._cross(a_rows, la_rows, a_cols, la_cols)
             vals = self.h[cols][None, :] - cross
             j = vals.argmin(axis=1)
-            self._offer(rows, vals[np.arange(rows.shape[0]), j], cols[j])
+            keep_better(self.val, self.idx, rows, vals[np.arange(rows.shape[0]), j], cols[j])
             vals = np.subtract(self.h[rows][:, None], cross, out=vals)
             i = vals.argmin(axis=0)
-            self._offer(cols, vals[i, np.arange(cols.shape[0])], rows[i])
+            keep_better(self.val, self.idx, cols, vals[i, np.arange(cols.shape[0])], rows[i])
         self.pairs += rows.shape[0] * later.shape[0]
 
     def _kept_later_rows(self, g: int) -> np.ndarray:
@@ -166,9 +168,3 @@ class _Search:
         cross = a_rows @ la_cols.T
         cross += la_rows @ a_cols.T
         return cross
-
-    def _offer(self, rows: np.ndarray, val: np.ndarray, idx: np.ndarray) -> None:
-        """Keep candidates that are smaller, or equal with a lower index (np.argmin's rule across blocks)."""
-        current, current_idx = self.val[rows], self.idx[rows]
-        better = (val < current) | ((val == current) & (idx < current_idx))
-        self.val[rows[better]], self.idx[rows[better]] = val[better], idx[better]

@@ -8,8 +8,8 @@ multiplied with the later columns [end of I, n) (a rectangular GEMM pair) whose 
 (row minima) and every later row (column minima, h_i - cross_ij), and the strip's square diagonal block is the same
 problem on fewer rows, solved recursively with strips a quarter the size down to squares of BASE_ROWS. So the search
 costs about the flops of one n x n x d GEMM (the reference computes two), mostly in large GEMMs, with 2 strips x n
-floats of scratch. Blocks come in an order where each row sees its candidates in increasing column order, and only strictly
-smaller values replace the running best: exact ties go to the lowest index, as np.argmin does.
+floats of scratch. A candidate replaces a row's running best when it is smaller, or equal with a lower index
+(``keep_better``): exact ties go to the lowest index, as np.argmin does, in whatever order blocks come.
 
 Queries against other rows: strips of queries times all the other rows, row minima only.
 
@@ -87,7 +87,7 @@ class _NumpyEngine:
         if exclude_self:
             np.fill_diagonal(vals, np.inf)
         j = vals.argmin(axis=1)
-        _offer(self.val, self.idx, slice(r0, r1), vals[np.arange(r1 - r0), j], j + c0)
+        keep_better(self.val, self.idx, slice(r0, r1), vals[np.arange(r1 - r0), j], j + c0)
 
     def offer_column_minima(self, cross, r0, r1, c0, c1):
         vals = np.subtract(self.ha[r0:r1, None], cross, out=self._values(cross.shape))
@@ -96,7 +96,7 @@ class _NumpyEngine:
         holds_best = vals == best
         vals.fill(np.inf)
         np.copyto(vals, np.arange(r1 - r0, dtype=np.float32)[:, None], where=holds_best)
-        _offer(self.val, self.idx, slice(c0, c1), best, vals.min(axis=0).astype(np.int64) + r0)
+        keep_better(self.val, self.idx, slice(c0, c1), best, vals.min(axis=0).astype(np.int64) + r0)
 
     def best_index(self) -> torch.Tensor:
         return torch.from_numpy(self.idx).to(self.device)
@@ -122,18 +122,21 @@ class _TorchEngine:
         if exclude_self:
             vals.diagonal().fill_(float("inf"))
         v, j = vals.min(dim=1)
-        _offer(self.val, self.idx, slice(r0, r1), v, j + c0)
+        keep_better(self.val, self.idx, slice(r0, r1), v, j + c0)
 
     def offer_column_minima(self, cross, r0, r1, c0, c1):
         v, i = torch.sub(self.ha[r0:r1, None], cross, out=self._values(cross.shape)).min(dim=0)
-        _offer(self.val, self.idx, slice(c0, c1), v, i + r0)
+        keep_better(self.val, self.idx, slice(c0, c1), v, i + r0)
 
     def best_index(self) -> torch.Tensor:
         return self.idx
 
 
-def _offer(best_val, best_idx, rows: slice, val, idx) -> None:
-    """Keep the candidates that are strictly better (numpy arrays or torch tensors alike)."""
-    better = val < best_val[rows]
-    best_val[rows][better] = val[better]
-    best_idx[rows][better] = idx[better]
+def keep_better(best_val, best_idx, rows, val, idx) -> None:
+    """Keep the candidates that are smaller, or equal with a lower index: np.argmin's rule, whatever order candidates
+    come in. numpy arrays or torch tensors alike; ``rows`` a slice or an index array (without repeats)."""
+    current, current_idx = best_val[rows], best_idx[rows]
+    better = (val < current) | ((val == current) & (idx < current_idx))
+    current[better] = val[better]
+    current_idx[better] = idx[better]
+    best_val[rows], best_idx[rows] = current, current_idx

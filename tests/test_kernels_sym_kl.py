@@ -152,12 +152,17 @@ def test_blocked_search_with_ragged_strips_covers_every_pair(backend, monkeypatc
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
-def test_a_later_candidate_replaces_the_best_only_when_strictly_smaller(lib):
-    """Candidates arrive in increasing column order, so keeping the first of equal values is np.argmin's rule."""
+@pytest.mark.parametrize("rows", ["slice", "indices"])
+def test_a_candidate_replaces_the_best_when_smaller_or_equal_with_a_lower_index(lib, rows):
+    """np.argmin's rule whatever order candidates come in: smaller wins; of equal values the lower index wins."""
     arr = np.asarray if lib == "numpy" else torch.tensor
-    val, idx = arr([1.0, 2.0, 3.0], dtype=np.float32 if lib == "numpy" else torch.float32), arr([5, 6, 7])
-    sym_kl_search._offer(val, idx, slice(0, 3), arr([1.0, 1.5, 3.5]), arr([9, 9, 9]))
-    assert list(idx.tolist()) == [5, 9, 7] and list(val.tolist()) == [1.0, 1.5, 3.0]
+    val = arr([1.0, 2.0, 3.0, 4.0, 0.5], dtype=np.float32 if lib == "numpy" else torch.float32)
+    idx = arr([5, 6, 7, 8, 1])
+    where = slice(0, 4) if rows == "slice" else arr([3, 0, 2, 1])
+    offered = arr([1.0, 1.5, 3.5, 4.0]) if rows == "slice" else arr([4.0, 1.0, 3.5, 1.5])
+    offered_idx = arr([9, 9, 9, 2]) if rows == "slice" else arr([2, 9, 9, 9])
+    sym_kl_search.keep_better(val, idx, where, offered, offered_idx)
+    assert list(idx.tolist()) == [5, 9, 7, 2, 1] and list(val.tolist()) == [1.0, 1.5, 3.0, 4.0, 0.5]
 
 
 @pytest.mark.parametrize("n, strip, base", [(97, 40, 5), (4096, 512, 128), (300, 256, 64)])
