@@ -471,10 +471,11 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                 except FloatingPointError:
                     raise ConceptExpressError(
                         f"training diverged at step {run.step + 1}: the loss is not a finite number. "
-                        + ("The last finite state is kept in the checkpoint: resume it with float32 weights "
-                           "(--resume --dtype float32), or start again (--overwrite) with a lower learning rate "
-                           "or another seed." if path else
-                           "Try float32 weights (--dtype float32), a lower learning rate, or another seed.")
+                        # Resuming cannot help: the same settings diverge again, and other weights (another dtype)
+                        # capture other attention, hence another run. So the advice is to start again.
+                        + ("Start again (--overwrite: the checkpoint of the last finite state is kept until then) "
+                           if path else "Start again ")
+                        + "with float32 weights (--dtype float32), a lower learning rate, or another seed."
                     ) from None
                 for key in run.history:
                     run.history[key].append(losses[key])
