@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from .comfy_io import CATEGORY, Progress, checkpoint_path, embeddings_root, image_to_comfy, interrupted, raise_interrupt
 
@@ -69,7 +68,7 @@ class TrainConceptTokens:
 
         from ..uce_core.backends.comfy_backend import ComfyBackend, prepare_for_training
         from ..uce_core.concepts import Concepts
-        from ..uce_core.export import MANIFEST, check_export_target, export_names, export_tokens, load_exported, sanitize_name
+        from ..uce_core.export import check_export_target, export_names, export_tokens, load_exported, sanitize_name
         from ..uce_core.previews import loss_curve
         from ..uce_core.train import TrainingCancelled, TrainSettings, run_fingerprint, train_concept_tokens
 
@@ -85,7 +84,7 @@ class TrainConceptTokens:
                                 concepts.grid, concepts.image.clone(), dict(concepts.info))
             backend = ComfyBackend(model, clip, vae)
             fingerprint = run_fingerprint(backend.info, concepts, settings)
-            if _saved_fingerprint(folder / MANIFEST) == fingerprint:
+            if _saved_fingerprint(folder) == fingerprint:
                 tokens = load_exported(folder)  # the same run already finished: reuse it
                 return _outputs(tokens, prefix, loss_curve)
             names = export_names([""] * len(concepts), prefix)
@@ -106,13 +105,14 @@ class TrainConceptTokens:
         return _outputs(tokens, prefix, loss_curve)
 
 
-def _saved_fingerprint(manifest) -> str | None:
-    """The run fingerprint of the set saved under ``manifest`` (None when there is none or it cannot be read: then
+def _saved_fingerprint(folder) -> str | None:
+    """The run fingerprint of the set saved in ``folder`` (None when there is none that this version can reuse: then
     the export's own check decides whether the folder may be written)."""
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("info", {}).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    from ..uce_core.export import MANIFEST_FORMAT, read_manifest
+
+    manifest = read_manifest(folder) or {}
+    info = manifest.get("info") if manifest.get("format") == MANIFEST_FORMAT else None
+    return info.get("fingerprint") if isinstance(info, dict) else None
 
 
 def _outputs(tokens, prefix, loss_curve):

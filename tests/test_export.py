@@ -113,6 +113,41 @@ def test_replacing_a_set_with_a_smaller_one_leaves_no_stale_concepts(concepts_fo
     assert load_exported(tmp_path).names == ["scene_1", "scene_2"]
 
 
+def test_replacing_never_deletes_what_an_edited_manifest_names_beyond_concept_files(concepts_for, tmp_path):
+    import json
+
+    _, tokens = _tokens(concepts_for, "tiny-sd1")
+    export_tokens(tokens, tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["concepts"][0]["file"] = "../outside.safetensors"  # names never leave the folder
+    manifest["concepts"][1]["mask"] = "notes.txt"
+    manifest["record"] = "loss.png"
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path.parent / "outside.safetensors").write_bytes(b"theirs")
+    (tmp_path / "notes.txt").write_text("mine")
+    export_tokens(tokens, tmp_path, overwrite=True)
+    assert (tmp_path.parent / "outside.safetensors").read_bytes() == b"theirs"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert {"loss.png", "concepts.png", "image.png", MANIFEST} <= {p.name for p in tmp_path.iterdir()}
+    assert load_exported(tmp_path).names == ["concept_1", "concept_2"]
+
+
+def test_a_set_from_an_earlier_version_is_a_clear_error_and_replacing_it_removes_its_record(concepts_for, tmp_path):
+    import json
+
+    _, tokens = _tokens(concepts_for, "tiny-sd1")
+    export_tokens(tokens, tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest.update(format="concept-express/manifest/1", record="concept-tokens.safetensors")
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "concept-tokens.safetensors").write_bytes(b"the old record")
+    with pytest.raises(ConceptExpressError, match="earlier version of concept-express"):
+        load_exported(tmp_path)
+    export_tokens(tokens, tmp_path, overwrite=True)
+    assert not (tmp_path / "concept-tokens.safetensors").exists()  # ComfyUI would list it as an embedding
+    assert load_exported(tmp_path).names == ["concept_1", "concept_2"]
+
+
 def test_a_prefix_only_needs_to_make_valid_file_names(concepts_for, tmp_path):
     _, tokens = _tokens(concepts_for, "tiny-sd1")
     assert export_tokens(tokens, tmp_path, prefix="con").names == ["con_1", "con_2"]  # con_1 is a legal file name

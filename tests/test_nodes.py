@@ -76,13 +76,15 @@ def test_compose_node_takes_names_from_tokens_or_text():
     assert node.compose("{1}", tokens=Tokens())[0] == "embedding:x/x_1"
 
 
-def test_a_damaged_saved_manifest_never_counts_as_the_same_run(tmp_path):
+def test_a_damaged_or_older_saved_manifest_never_counts_as_the_same_run(tmp_path):
     from concept_express.nodes.train import _saved_fingerprint
 
     manifest = tmp_path / "manifest.json"
-    assert _saved_fingerprint(manifest) is None  # no set saved yet
-    manifest.write_text('{"info": {"fingerprint": "abc"}}')
-    assert _saved_fingerprint(manifest) == "abc"
-    for damaged in ('{"info": {"fingerp', "[1, 2]", '{"info": 3}'):
+    assert _saved_fingerprint(tmp_path) is None  # no set saved yet
+    manifest.write_text('{"format": "concept-express/manifest/2", "info": {"fingerprint": "abc"}}')
+    assert _saved_fingerprint(tmp_path) == "abc"
+    for damaged in ('{"format": "concept-express/manifest/2", "info": {"fingerp', "[1, 2]",
+                    '{"format": "concept-express/manifest/2", "info": 3}', '{"info": {"fingerprint": "abc"}}',
+                    '{"format": "concept-express/manifest/1", "info": {"fingerprint": "abc"}}'):  # older: not reusable
         manifest.write_text(damaged)
-        assert _saved_fingerprint(manifest) is None
+        assert _saved_fingerprint(tmp_path) is None

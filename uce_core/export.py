@@ -34,7 +34,10 @@ from .tokens import ConceptTokens
 
 MANIFEST = "manifest.json"
 IMAGE = "image.png"
-MANIFEST_FORMAT = "concept-express/manifest/1"
+MANIFEST_FORMAT = "concept-express/manifest/2"
+# /1 (earlier versions of this project): no latent grid or image entry; vectors, masks and image were read back from a
+# "record" file (concept-tokens.safetensors), which ComfyUI also listed as an embedding.
+OLDER_MANIFEST_FORMATS = ("concept-express/manifest/1",)
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
 
@@ -142,14 +145,28 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
     return ExportResult(folder, embeddings, manifest_path, names)
 
 
-def _previous_set_files(folder: Path) -> list[Path]:
-    """The embedding and mask files the manifest already in ``folder`` lists (none if there is no readable one)."""
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest in ``folder`` as written by this or an earlier version (None: missing, unreadable, not ours)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        entries = manifest["concepts"] if manifest.get("format") == MANIFEST_FORMAT else []
-        return [folder / Path(e[key]).name for e in entries for key in ("file", "mask") if isinstance(e.get(key), str)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(manifest, dict) and manifest.get("format") in (MANIFEST_FORMAT, *OLDER_MANIFEST_FORMATS)
+    return manifest if ours else None
+
+
+def _previous_set_files(folder: Path) -> list[Path]:
+    """The embedding, mask and record files the manifest already in ``folder`` lists (none without a readable one).
+    Only names a set's per-concept files can have (.safetensors, _mask.png): an edited manifest cannot make an
+    export delete its own manifest, image or previews."""
+    manifest = read_manifest(folder) or {}
+    names = [manifest.get("record")]
+    entries = manifest.get("concepts")
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict):
+            names += [entry.get("file"), entry.get("mask")]
+    return [folder / Path(name).name for name in names
+            if isinstance(name, str) and name.endswith((".safetensors", "_mask.png"))]
 
 
 def overlay(tokens: ConceptTokens):
@@ -180,6 +197,9 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
         raise ConceptExpressError(f"{path}: no manifest here; give a folder that an export wrote.") from None
     except ValueError:
         raise ConceptExpressError(f"{path}: the manifest is not valid JSON.") from None
+    if isinstance(manifest, dict) and manifest.get("format") in OLDER_MANIFEST_FORMATS:
+        raise ConceptExpressError(f"{path}: written by an earlier version of concept-express, which this one does not "
+                                  "read; extract the concepts again (with --overwrite, or the node's overwrite).")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ConceptExpressError(f"{path}: not a ConceptExpress manifest.")
     try:
