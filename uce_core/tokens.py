@@ -13,13 +13,10 @@ Initialisation (paper sec. 3.3: "randomly initialize g tokens" without any human
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-FORMAT = "concept-express/concept-tokens/1"
 INITIALISATIONS = ("random", "reference")
 
 
@@ -57,21 +54,3 @@ class ConceptTokens:
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        from .fileio import save_tensors
-
-        tensors = {f"vectors.{k}": v.float() for k, v in zip(self.encoder_keys, self.vectors)}
-        tensors.update(masks=self.masks.to(torch.uint8), image=self.image)
-        meta = {"format": FORMAT, "encoder_keys": self.encoder_keys, "family": self.family, "names": self.names,
-                "history": self.history, "info": self.info}
-        return save_tensors(path, tensors, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ConceptTokens":
-        from .fileio import load_tensors
-
-        t, meta = load_tensors(path, expected_format=FORMAT)
-        keys = meta["encoder_keys"]
-        return cls([t[f"vectors.{k}"] for k in keys], keys, meta["family"], meta["names"], t["masks"].bool(),
-                   t["image"], meta.get("history", {}), meta.get("info", {}))

@@ -23,6 +23,7 @@ trajectory. Checkpoints (safetensors: vectors, AdamW state, generator state, his
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -359,7 +360,9 @@ class _Run:
         return {"loss": loss, "denoise": denoise, "attention": attention, "contrastive": con}
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+    @functools.cached_property
     def fingerprint(self) -> str:
+        """Hashes the masks and features once: they do not change during a run, and state() runs at every step."""
         return run_fingerprint(self.backend.info, self.concepts, self.s)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -376,7 +379,7 @@ class _Run:
             if "step" in state:
                 steps[e] = float(state["step"])
         meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "merged": self.merged, "adam_steps": steps,
-                "history": {k: list(v) for k, v in self.history.items()}, "fingerprint": self.fingerprint(),
+                "history": {k: list(v) for k, v in self.history.items()}, "fingerprint": self.fingerprint,
                 "micro_batch": self.micro_batch}
         return tensors, meta
 
@@ -389,7 +392,7 @@ class _Run:
         from .fileio import load_tensors
 
         tensors, meta = load_tensors(path, expected_format=CHECKPOINT_FORMAT)
-        if meta.get("fingerprint") != self.fingerprint():
+        if meta.get("fingerprint") != self.fingerprint:
             return False
         with torch.no_grad():
             for e, v in enumerate(self.vectors):
@@ -496,7 +499,7 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
     if not run.merged:
         run.merge()
     meta = {"settings": asdict(settings), "steps": run.step, "seconds": round(time.perf_counter() - started, 2),
-            "fingerprint": run.fingerprint(),
+            "fingerprint": run.fingerprint,
             "model": asdict(backend.info), "localization": concepts.info, "cross_grid": list(run.cross_grid or [])}
     names = names or [f"concept_{i + 1}" for i in range(run.n)]
     if len(names) != run.n:

@@ -62,7 +62,6 @@ class ComfyBackend:
             raise ConceptExpressError(f"the CLIP input does not match the {family} MODEL; connect the CLIP of the same checkpoint.")
         self.tokenizers = [getattr(clip.tokenizer, f"clip_{k}") for k in keys]
         self.encoders = [getattr(clip.cond_stage_model, f"clip_{k}") for k in keys]
-        self.token_keys = keys
         v_pred = self.base.model_type == comfy.model_base.ModelType.V_PREDICTION
         widths = [e.transformer.get_input_embeddings().weight.shape[1] for e in self.encoders]
         first = self.tokenizers[0]
