@@ -163,6 +163,17 @@ def test_a_constant_eot_map_is_a_clear_error():
     flat = AttentionMaps(maps.self_attention, torch.full_like(maps.eot, 0.3), maps.grid, maps.image)
     with pytest.raises(ConceptExpressError, match="constant"):
         localize_concepts(flat)
+    # Constant up to float rounding (a range of 1e-7 relative, as bilinear upsampling of a constant map leaves) is
+    # constant too; the same pattern with a range of 1e-3 relative is a real, if faint, map.
+    pattern = (maps.eot - maps.eot.min()) / (maps.eot.max() - maps.eot.min())
+    for relative_range, constant in ((1e-7, True), (1e-3, False)):
+        eot = (0.3 * (1 + relative_range * pattern.double())).float()
+        faint = AttentionMaps(maps.self_attention, eot, maps.grid, maps.image)
+        if constant:
+            with pytest.raises(ConceptExpressError, match="constant"):
+                localize_concepts(faint)
+        else:
+            check_outputs(localize_concepts(faint), maps.grid)
 
 
 def check_outputs(concepts: Concepts, grid):
