@@ -68,8 +68,8 @@ class Meter:
         else:
             peak = _rss_kib("VmHWM") * 1024
         self.seconds = time.perf_counter() - self.start
-        self.extra_mib = (peak - self.base) / 2 ** 20
-        self.peak_mib = peak / 2 ** 20  # everything in use at the peak (CUDA: allocated tensors; CPU: resident set)
+        self.extra_mib = (peak - self.base) / 2**20
+        self.peak_mib = peak / 2**20  # everything in use at the peak (CUDA: allocated tensors; CPU: resident set)
 
 
 def run_worker(cmd: list[str], env: dict | None = None) -> dict:
@@ -157,9 +157,16 @@ def worker(args) -> dict:
             times.append(meter.seconds)
             extras.append(meter.extra_mib)
     n = latents.shape[-2] * latents.shape[-1]
-    return {"mode": args.mode, "seconds": statistics.median(times), "extra_mib": max(extras), "n": n,
-            "aggregate_mib": n * n * 4 / 2 ** 20, "size": list(picture.size), "device": str(device),
-            "model": args.model}
+    return {
+        "mode": args.mode,
+        "seconds": statistics.median(times),
+        "extra_mib": max(extras),
+        "n": n,
+        "aggregate_mib": n * n * 4 / 2**20,
+        "size": list(picture.size),
+        "device": str(device),
+        "model": args.model,
+    }
 
 
 def main() -> None:
@@ -178,21 +185,37 @@ def main() -> None:
         return
     rows = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--image", args.image,
-               "--device", args.device, "--repeat", str(args.repeat)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--model",
+            args.model,
+            "--image",
+            args.image,
+            "--device",
+            args.device,
+            "--repeat",
+            str(args.repeat),
+        ]
         cmd += ["--resolution", str(args.resolution)] if args.resolution else []
         cmd += ["--dtype", args.dtype] if args.dtype else []
         rows[mode] = run_worker(cmd)
     first = next(iter(rows.values()))
-    print(f"model {first['model']} on {first['device']}, image {first['size'][0]}x{first['size'][1]} px, "
-          f"n = {first['n']} (aggregate {first['aggregate_mib']:.0f} MiB), median of {args.repeat}")
+    print(
+        f"model {first['model']} on {first['device']}, image {first['size'][0]}x{first['size'][1]} px, "
+        f"n = {first['n']} (aggregate {first['aggregate_mib']:.0f} MiB), median of {args.repeat}"
+    )
     print(f"{'mode':10s} {'time s':>9s} {'extra MiB':>10s} {'extra / aggregate':>18s}")
     for mode, r in rows.items():
         print(f"{mode:10s} {r['seconds']:9.3f} {r['extra_mib']:10.1f} {r['extra_mib'] / r['aggregate_mib']:18.2f}")
     if "capture" in rows and "stacked" in rows:
         c, s = rows["capture"], rows["stacked"]
-        print(f"capture vs stacked: {s['extra_mib'] / max(c['extra_mib'], 1e-9):.1f}x less extra memory, "
-              f"{s['seconds'] / c['seconds']:.2f}x the speed")
+        print(
+            f"capture vs stacked: {s['extra_mib'] / max(c['extra_mib'], 1e-9):.1f}x less extra memory, "
+            f"{s['seconds'] / c['seconds']:.2f}x the speed"
+        )
     if "capture" in rows and "plain" in rows:
         print(f"capture vs plain forward: {rows['capture']['seconds'] / rows['plain']['seconds']:.2f}x the time")
 

@@ -19,6 +19,7 @@ GPU (CUDA only): n = d = 4096 Triton kernel in IEEE, TF32x3 and TF32 against pla
 the materialised n x n matrix, fp32 and TF32), accuracy against float64 on the GPU; then n = 16384.
 This is a measurement script, not a test.
 """
+
 import argparse
 import json
 import os
@@ -80,6 +81,7 @@ def _reset_peak() -> None:
 
 def reference_first_neighbours(x: np.ndarray) -> np.ndarray:
     """The reference's computation (ptp_utils.kld_distance, clustering/finch.clust_rank), verbatim in behaviour."""
+
     def compute_kld(mat1, mat2):
         plogp = np.sum(mat1 * np.log(mat1), axis=-1, keepdims=True)
         plogq = mat1 @ np.log(mat2).T
@@ -133,6 +135,7 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str, source: str) -
         print(json.dumps({"variant": variant}))
         return
     if variant == "reference":
+
         def call(x):
             return reference_first_neighbours(x)
     else:
@@ -140,6 +143,7 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str, source: str) -
 
         def call(x):
             return sym_kl_first_neighbours(torch.from_numpy(x))[0].numpy()
+
     call(attention_like_rows(256, seed=1))  # load libraries, BLAS buffers, thread pools
     x = make_rows(n)
     _reset_peak()
@@ -149,16 +153,38 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str, source: str) -
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _memory_kib()["VmHWM"] - before
     np.save(out_path, kappa)
-    print(json.dumps({"variant": variant, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                      "peak_above_input_mib": peak / 1024,
-                      "input_mib": x.nbytes / 2**20, "load": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_above_input_mib": peak / 1024,
+                "input_mib": x.nbytes / 2**20,
+                "load": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 def _worker(variant: str, n: int, threads: int, path: str, source: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--n", str(n), "--threads", str(threads), "--out", path,
-           "--input", source]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--n",
+        str(n),
+        "--threads",
+        str(threads),
+        "--out",
+        path,
+        "--input",
+        source,
+    ]
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"worker {variant} failed:\n{proc.stderr}")
@@ -168,8 +194,10 @@ def _worker(variant: str, n: int, threads: int, path: str, source: str) -> dict:
 def run_cpu(sizes, rounds: int, threads: int, oracle: bool, source: str) -> None:
     """Rounds alternate the variants (reference, blocked, fast, reference, ...), each call in a fresh process, so that
     all see the same machine conditions; we report the best and the median call, and the largest peak."""
-    print(f"\n== CPU: {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start, "
-          f"input {source!r} ==")
+    print(
+        f"\n== CPU: {threads} threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start, "
+        f"input {source!r} =="
+    )
     variants = ("reference", "blocked", "fast")
     for n in sizes:
         runs = {v: [] for v in variants}
@@ -181,13 +209,20 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool, source: str) -> None
             if oracle:
                 _worker("oracle", n, threads, os.path.join(tmp, "oracle.npy"), source)
                 kappa64, gap = np.load(os.path.join(tmp, "oracle.npy"))
-        stats = {v: {"best": min(r["seconds"] for r in runs[v]),
-                     "median": statistics.median(r["seconds"] for r in runs[v]),
-                     "cpu": min(r["cpu_seconds"] for r in runs[v]),
-                     "peak": max(r["peak_above_input_mib"] for r in runs[v])} for v in variants}
+        stats = {
+            v: {
+                "best": min(r["seconds"] for r in runs[v]),
+                "median": statistics.median(r["seconds"] for r in runs[v]),
+                "cpu": min(r["cpu_seconds"] for r in runs[v]),
+                "peak": max(r["peak_above_input_mib"] for r in runs[v]),
+            }
+            for v in variants
+        }
         loads = [r["load"] for v in variants for r in runs[v]]
-        print(f"\nn = {n} (input {runs['fast'][0]['input_mib']:.0f} MiB float32), {rounds} rounds, "
-              f"load average during the calls {min(loads):.2f}..{max(loads):.2f}")
+        print(
+            f"\nn = {n} (input {runs['fast'][0]['input_mib']:.0f} MiB float32), {rounds} rounds, "
+            f"load average during the calls {min(loads):.2f}..{max(loads):.2f}"
+        )
         print(f"{'variant':<11}{'best s':>9}{'median s':>10}{'best CPU s':>12}{'peak MiB above input':>22}")
         for v in variants:
             r = stats[v]
@@ -195,17 +230,21 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool, source: str) -> None
         ref = stats["reference"]
         for v in ("blocked", "fast"):
             r = stats[v]
-            print(f"speed-up reference/{v}: {ref['best'] / r['best']:.2f}x (best), "
-                  f"{ref['median'] / r['median']:.2f}x (median), {ref['cpu'] / r['cpu']:.2f}x (CPU time); "
-                  f"memory {v}/reference: {r['peak'] / ref['peak']:.2f}")
+            print(
+                f"speed-up reference/{v}: {ref['best'] / r['best']:.2f}x (best), "
+                f"{ref['median'] / r['median']:.2f}x (median), {ref['cpu'] / r['cpu']:.2f}x (CPU time); "
+                f"memory {v}/reference: {r['peak'] / ref['peak']:.2f}"
+            )
             print(f"first neighbours differing, {v} vs reference: {(kappas[v] != kappas['reference']).sum()} of {n}")
         if oracle:
             kappa64 = kappa64.astype(np.int64)
             ties = gap < TIE_RTOL
             for v in variants:
                 wrong = kappas[v] != kappa64
-                print(f"{v} vs float64: {wrong.sum()} rows differ, {(wrong & ~ties).sum()} of them outside near ties "
-                      f"(relative gap < {TIE_RTOL:g}: {ties.sum()} rows)")
+                print(
+                    f"{v} vs float64: {wrong.sum()} rows differ, {(wrong & ~ties).sum()} of them outside near ties "
+                    f"(relative gap < {TIE_RTOL:g}: {ties.sum()} rows)"
+                )
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
@@ -301,8 +340,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-oracle", action="store_true", help="skip the float64 accuracy columns on the CPU")
     parser.add_argument("--skip-cpu", action="store_true")
-    parser.add_argument("--input", choices=sorted(INPUTS), default="bumps",
-                        help="CPU rows: attention-like bumps (default) or the synthetic scene of bench_localize")
+    parser.add_argument(
+        "--input",
+        choices=sorted(INPUTS),
+        default="bumps",
+        help="CPU rows: attention-like bumps (default) or the synthetic scene of bench_localize",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()

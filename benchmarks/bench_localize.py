@@ -85,8 +85,9 @@ def ref_means(data, labels):
     import scipy.sparse as sp
 
     _, counts = np.unique(labels, return_counts=True)
-    onehot = sp.csr_matrix((np.ones(len(labels), dtype="float32"), (np.arange(len(labels)), labels)),
-                           shape=(len(labels), len(counts)))
+    onehot = sp.csr_matrix(
+        (np.ones(len(labels), dtype="float32"), (np.arange(len(labels)), labels)), shape=(len(labels), len(counts))
+    )
     return (onehot.T @ data) / counts[:, None]
 
 
@@ -182,8 +183,11 @@ def reference_localize(feat_map, eot, grid):
     final = post[-1]
     final_masks = np.stack([masks[final == c].sum(0) for c in range(final.max() + 1)]) > 0
     _ = np.stack([feats[final == c].mean(0) for c in range(final.max() + 1)])
-    return final_masks, {"levels": [int(c) for c in counts], "chosen_level": index, "post_levels": [int(c) for c in
-                                                                                                      post_counts]}
+    return final_masks, {
+        "levels": [int(c) for c in counts],
+        "chosen_level": index,
+        "post_levels": [int(c) for c in post_counts],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ the worker
@@ -225,8 +229,15 @@ def worker(args) -> dict:
             seconds.append(time.perf_counter() - start)
         seconds = seconds[1:]
     digest = hashlib.sha1(masks.numpy().tobytes()).hexdigest()[:12]
-    return {"variant": args.worker, "seconds": statistics.median(seconds), "cpu_seconds": cpu, "extra_mib": meter.extra_mib,
-            "concepts": int(masks.shape[0]), "masks": digest, **info}
+    return {
+        "variant": args.worker,
+        "seconds": statistics.median(seconds),
+        "cpu_seconds": cpu,
+        "extra_mib": meter.extra_mib,
+        "concepts": int(masks.shape[0]),
+        "masks": digest,
+        **info,
+    }
 
 
 def _cpu_seconds() -> float:
@@ -238,8 +249,18 @@ def _cpu_seconds() -> float:
 
 
 def measure(variant, path, device, gpu_repeat=20) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--input", str(path), "--device", device,
-           "--gpu-repeat", str(gpu_repeat)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--input",
+        str(path),
+        "--device",
+        device,
+        "--gpu-repeat",
+        str(gpu_repeat),
+    ]
     return run_worker(cmd)
 
 
@@ -249,16 +270,20 @@ def bench_size(side: int, rounds: int, device: str, folder: Path) -> None:
     scene = make_scene(SceneSpec(grid=(side, side)), 0)
     path = scene.maps.save(folder / f"maps-{side}.safetensors")
     n = side * side
-    input_mib = n * n * 4 / 2 ** 20
+    input_mib = n * n * 4 / 2**20
     variants = VARIANTS if device == "cpu" else ("ours",)
     runs = {v: [] for v in variants}
     for _ in range(rounds):
         for variant in variants:
             runs[variant].append(measure(variant, path, device))
-    print(f"\nn = {n} ({side} x {side} grid, input {input_mib:.0f} MiB float32), device {device}, "
-          f"{rounds} rounds, {len(scene.truth)} objects in the scene")
-    print(f"{'variant':10s} {'median s':>9s} {'all s':>30s} {'CPU s':>7s} {'peak MiB':>9s} {'concepts':>8s}  "
-          "levels / post levels")
+    print(
+        f"\nn = {n} ({side} x {side} grid, input {input_mib:.0f} MiB float32), device {device}, "
+        f"{rounds} rounds, {len(scene.truth)} objects in the scene"
+    )
+    print(
+        f"{'variant':10s} {'median s':>9s} {'all s':>30s} {'CPU s':>7s} {'peak MiB':>9s} {'concepts':>8s}  "
+        "levels / post levels"
+    )
     summary = {}
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
@@ -267,21 +292,27 @@ def bench_size(side: int, rounds: int, device: str, folder: Path) -> None:
         summary[variant] = (seconds, peak, cpu)
         r = results[0]
         each = " ".join(f"{x['seconds']:.2f}" for x in results)
-        print(f"{variant:10s} {seconds:9.3f} {each:>30s} {cpu:7.2f} {peak:9.1f} "
-              f"{r['concepts']:8d}  {r['levels']} -> level {r['chosen_level']} / {r['post_levels']}")
+        print(
+            f"{variant:10s} {seconds:9.3f} {each:>30s} {cpu:7.2f} {peak:9.1f} "
+            f"{r['concepts']:8d}  {r['levels']} -> level {r['chosen_level']} / {r['post_levels']}"
+        )
     if device != "cpu":
         seconds = summary["ours"][0]
-        print(f"whole stage on {device}: {seconds * 1e3:.1f} ms (target < {GPU_TARGET_S * 1e3:.0f} ms): "
-              f"{'met' if seconds < GPU_TARGET_S else 'NOT met'}")
+        print(
+            f"whole stage on {device}: {seconds * 1e3:.1f} ms (target < {GPU_TARGET_S * 1e3:.0f} ms): "
+            f"{'met' if seconds < GPU_TARGET_S else 'NOT met'}"
+        )
         return
     (_, rm, rc), (_, om, oc) = summary["reference"], summary["ours"]
     paired = [o["seconds"] / r["seconds"] for r, o in zip(runs["reference"], runs["ours"])]
     ratio = statistics.median(paired)  # each round's two runs are back to back: robust to load that drifts
     same = all(r["masks"] == o["masks"] for r, o in zip(runs["reference"], runs["ours"]))
-    print(f"ours / reference: time {ratio:.2f} (median of the rounds' ratios {' '.join(f'{x:.2f}' for x in paired)}; "
-          f"{1 / ratio:.1f}x faster; CPU time {oc / rc:.2f}), peak memory {om / rm:.2f} ({rm / max(om, 1e-9):.1f}x less); "
-          f"target <= {TARGET_RATIO}: time {'met' if ratio <= TARGET_RATIO else 'NOT met'}, memory "
-          f"{'met' if om / rm <= TARGET_RATIO else 'NOT met'}; same concepts as the reference: {'yes' if same else 'no'}")
+    print(
+        f"ours / reference: time {ratio:.2f} (median of the rounds' ratios {' '.join(f'{x:.2f}' for x in paired)}; "
+        f"{1 / ratio:.1f}x faster; CPU time {oc / rc:.2f}), peak memory {om / rm:.2f} ({rm / max(om, 1e-9):.1f}x less); "
+        f"target <= {TARGET_RATIO}: time {'met' if ratio <= TARGET_RATIO else 'NOT met'}, memory "
+        f"{'met' if om / rm <= TARGET_RATIO else 'NOT met'}; same concepts as the reference: {'yes' if same else 'no'}"
+    )
 
 
 def main() -> None:
@@ -299,10 +330,18 @@ def main() -> None:
         return
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    print(f"{cpu}, {torch.get_num_threads()} torch threads, torch "
-          f"{torch.__version__}; {'GPU ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    print(
+        f"{cpu}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}; {'GPU ' + torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}"
+    )
     with tempfile.TemporaryDirectory() as folder:
         sides = [int(x) for x in args.sides.split(",")] + ([96] if args.large else [])
         for side in dict.fromkeys(sides):

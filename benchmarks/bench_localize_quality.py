@@ -30,20 +30,25 @@ def main() -> None:
     settings = LocalizeSettings(n_max=args.n_max, delta=args.delta, features=args.features)
     counts = tuple(int(c) for c in args.counts.split(","))
     start = time.perf_counter()
-    result = run_benchmark(SUITE, seeds=range(args.seeds), counts=counts, settings=settings,
-                           grid=(args.grid, args.grid))
-    print(f"{len(result.per_scene)} scenes ({', '.join(SUITE)} x {args.seeds} seeds), {args.grid} x {args.grid} grid, "
-          f"delta={args.delta}, features={args.features}, n_max={args.n_max}; "
-          f"{time.perf_counter() - start:.0f} s\n")
+    result = run_benchmark(
+        SUITE, seeds=range(args.seeds), counts=counts, settings=settings, grid=(args.grid, args.grid)
+    )
+    print(
+        f"{len(result.per_scene)} scenes ({', '.join(SUITE)} x {args.seeds} seeds), {args.grid} x {args.grid} grid, "
+        f"delta={args.delta}, features={args.features}, n_max={args.n_max}; "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print(format_table(result))
     print("\nper scenario, ours: IoU / recall / precision (%), concepts found vs objects")
     for name in SUITE:
         rows = [r for r in result.per_scene if r["scenario"] == name]
         ours = [r["ours"] for r in rows]
-        print(f"  {name:11s} {100 * statistics.fmean(s.iou for s in ours):5.1f} "
-              f"{100 * statistics.fmean(s.recall for s in ours):5.1f} "
-              f"{100 * statistics.fmean(s.precision for s in ours):5.1f}   "
-              f"{' '.join(f'{s.num_predicted}/{s.num_truth}' for s in ours)}")
+        print(
+            f"  {name:11s} {100 * statistics.fmean(s.iou for s in ours):5.1f} "
+            f"{100 * statistics.fmean(s.recall for s in ours):5.1f} "
+            f"{100 * statistics.fmean(s.precision for s in ours):5.1f}   "
+            f"{' '.join(f'{s.num_predicted}/{s.num_truth}' for s in ours)}"
+        )
 
 
 if __name__ == "__main__":

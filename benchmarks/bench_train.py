@@ -41,16 +41,28 @@ def worker(args) -> dict:
     h, w = maps.grid
     masks = torch.zeros(args.concepts, h, w, dtype=torch.bool)
     for i in range(args.concepts):
-        masks[i, i * h // args.concepts:(i + 1) * h // args.concepts] = True
+        masks[i, i * h // args.concepts : (i + 1) * h // args.concepts] = True
     features = torch.stack([maps.self_attention[m.flatten()].mean(0) for m in masks])
     concepts = Concepts(masks, features, torch.ones(args.concepts), maps.grid, maps.image, {})
-    settings = TrainSettings(steps=args.steps, merge_step=max(1, args.steps // 5), update=args.mode,
-                             micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing)
+    settings = TrainSettings(
+        steps=args.steps,
+        merge_step=max(1, args.steps // 5),
+        update=args.mode,
+        micro_batch=args.micro_batch,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     with Meter(device) as meter:
         train_concept_tokens(backend, concepts, settings)
-    return {"mode": args.mode, "steps_per_s": args.steps / meter.seconds, "seconds": meter.seconds,
-            "extra_gib": meter.extra_mib / 1024, "peak_gib": meter.peak_mib / 1024, "grid": [h, w],
-            "device": str(device), "model": args.model}
+    return {
+        "mode": args.mode,
+        "steps_per_s": args.steps / meter.seconds,
+        "seconds": meter.seconds,
+        "extra_gib": meter.extra_mib / 1024,
+        "peak_gib": meter.peak_mib / 1024,
+        "grid": [h, w],
+        "device": str(device),
+        "model": args.model,
+    }
 
 
 def extract_demo() -> None:
@@ -59,8 +71,11 @@ def extract_demo() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "concept_express.uce_core.cli", "extract", "--demo", "--out", out],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "concept_express.uce_core.cli", "extract", "--demo", "--out", out],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - started
     print(result.stdout.strip())
     if result.returncode:
@@ -90,20 +105,38 @@ def main() -> None:
         return
     rows = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--device", args.device,
-               "--concepts", str(args.concepts), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--model",
+            args.model,
+            "--device",
+            args.device,
+            "--concepts",
+            str(args.concepts),
+            "--steps",
+            str(args.steps),
+            "--micro-batch",
+            str(args.micro_batch),
+        ]
         cmd += ["--dtype", args.dtype] if args.dtype else []
         cmd += ["--resolution", str(args.resolution)] if args.resolution else []
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         rows[mode] = run_worker(cmd)
     first = next(iter(rows.values()))
-    print(f"model {first['model']} on {first['device']}, latent grid {first['grid'][0]}x{first['grid'][1]}, "
-          f"N = {args.concepts}, {args.steps} steps (merge at {max(1, args.steps // 5)})")
+    print(
+        f"model {first['model']} on {first['device']}, latent grid {first['grid'][0]}x{first['grid'][1]}, "
+        f"N = {args.concepts}, {args.steps} steps (merge at {max(1, args.steps // 5)})"
+    )
     print(f"{'mode':10s} {'steps/s':>9s} {'seconds':>9s} {'extra GiB':>10s} {'peak GiB':>9s}")
     for mode, r in rows.items():
         print(f"{mode:10s} {r['steps_per_s']:9.3f} {r['seconds']:9.1f} {r['extra_gib']:10.2f} {r['peak_gib']:9.2f}")
     if "batched" in rows and "reference" in rows:
-        print(f"batched vs reference: {rows['batched']['steps_per_s'] / rows['reference']['steps_per_s']:.2f}x the steps/s")
+        print(
+            f"batched vs reference: {rows['batched']['steps_per_s'] / rows['reference']['steps_per_s']:.2f}x the steps/s"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Each op is a Triton kernel for CUDA tensors, an exact torch path for CPU tensors
 Nothing here knows about diffusion models. Importing this package does not import triton (see ``_dispatch``).
 See docs/kernels.md for the floor, the modes and the numerics.
 """
+
 import os
 
 import torch

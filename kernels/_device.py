@@ -1,4 +1,5 @@
 """Device-dependent knobs of the torch paths: how much elementwise work per step, and the accumulation dtype."""
+
 import torch
 
 CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per temporary: stays in cache, keeps peak memory flat

@@ -3,6 +3,7 @@
 triton is imported lazily, the first time a caller could use it, so that importing ``concept_express.kernels`` works
 where there is no triton (Windows, macOS) and costs nothing where there is.
 """
+
 import functools
 import importlib
 
@@ -12,7 +13,7 @@ BACKENDS = ("auto", "triton", "torch")
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot input_precision values the Triton kernels accept
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")

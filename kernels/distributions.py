@@ -8,6 +8,7 @@ The floor is ``FLOOR = 2**-24``, the smallest positive fp16 value: clamping fp16
 gives the same first neighbours as the fp32 rows they came from (measured at n = 4096, reference-spec 5.3), and it is
 far below any entry that carries mass (1/16384 = 6.1e-5 is the uniform value at the largest grid we handle).
 """
+
 import torch
 
 from ._device import row_chunks

@@ -4,6 +4,7 @@ Pure torch on whatever device the tensors are on: on a CUDA tensor everything st
 adjacency, a handful of gather/scatter kernels per round), on a CPU tensor the same code runs on the CPU.
 Labels are always 0..k-1, numbered in order of each component's smallest node index.
 """
+
 import torch
 
 from ._device import accumulation_dtype, row_chunks

@@ -4,20 +4,27 @@ d(a, b) = 1/2 (KL(a || b) + KL(b || a)) for rows a, b that are distributions. Ev
 ``prepare_distributions`` (float32, floor 2^-24, rows summing to 1), so zeros, NaNs and fp16/bf16 inputs are fine and
 no NaN comes out. Which implementation runs is decided in one place (``_dispatch.choose_backend``).
 """
+
 import torch
 
 from . import sym_kl_torch
 from ._dispatch import PRECISIONS, choose_backend
 from .distributions import prepare_distributions
-from .sym_kl_reference import first_neighbours_reference
 from .sym_kl_pruned import first_neighbours_pruned
+from .sym_kl_reference import first_neighbours_reference
 from .sym_kl_search import first_neighbours_blocked
 
 MODES = ("fast", "reference")
 
 
-def sym_kl_first_neighbours(rows: torch.Tensor, others: torch.Tensor | None = None, *, backend: str = "auto",
-                            precision: str = "ieee", mode: str = "fast") -> tuple[torch.Tensor, torch.Tensor]:
+def sym_kl_first_neighbours(
+    rows: torch.Tensor,
+    others: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    precision: str = "ieee",
+    mode: str = "fast",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row, the index of its nearest neighbour under symmetric KL, and that distance.
 
     others=None: each of the m rows against the other rows (itself excluded; needs m >= 2). others given (n, d): each

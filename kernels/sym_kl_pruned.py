@@ -27,6 +27,7 @@ float32 rounding inside near ties, and exact ties go to the lowest index.
 Rows without such structure leave most pairs in: when a sample of groups says more than MAX_KEPT_FRACTION of the
 pairs would be computed, ``first_neighbours_pruned`` returns None and the caller runs the blocked search.
 """
+
 import numpy as np
 import torch
 
@@ -77,7 +78,7 @@ def _coordinates(a: np.ndarray, k: int) -> np.ndarray:
     v, _ = np.linalg.qr((sample.T @ vectors[:, ::-1][:, :k].astype(np.float32)).astype(np.float64))
     x = np.empty((n, v.shape[1]))
     for r0 in range(0, n, _CHUNK_ROWS):
-        np.matmul(np.sqrt(a[r0:r0 + _CHUNK_ROWS]).astype(np.float64), v, out=x[r0:r0 + _CHUNK_ROWS])
+        np.matmul(np.sqrt(a[r0 : r0 + _CHUNK_ROWS]).astype(np.float64), v, out=x[r0 : r0 + _CHUNK_ROWS])
     return x
 
 
@@ -137,9 +138,11 @@ class _Search:
         later = self._kept_later_rows(g)
         step = self.gathered.shape[1]
         for c0 in range(0, later.shape[0], step):
-            cols = later[c0:c0 + step]
-            a_cols, la_cols = (np.take(m, cols, axis=0, out=buf[: cols.shape[0]])
-                               for m, buf in ((self.a, self.gathered[0]), (self.la, self.gathered[1])))
+            cols = later[c0 : c0 + step]
+            a_cols, la_cols = (
+                np.take(m, cols, axis=0, out=buf[: cols.shape[0]])
+                for m, buf in ((self.a, self.gathered[0]), (self.la, self.gathered[1]))
+            )
             cross = self._cross(a_rows, la_rows, a_cols, la_cols)
             vals = self.h[cols][None, :] - cross
             j = vals.argmin(axis=1)

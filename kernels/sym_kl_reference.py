@@ -8,6 +8,7 @@ numpy wheels), not in torch (MKL on CPU). It materialises several m x n float32 
 Rows must be prepared (``prepare_distributions``); valid rows pass through preparation unchanged, so on inputs
 without zeros this is the reference's own result.
 """
+
 import numpy as np
 import torch
 

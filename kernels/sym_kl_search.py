@@ -18,6 +18,7 @@ sgemm measured 20-25 % faster than torch's MKL sgemm on the development machine 
 search in one thread pool avoids the oversubscription that interleaving OpenBLAS and torch's OpenMP pool caused under
 load. On other devices (a CUDA tensor when triton is missing) the same blocks run in torch.
 """
+
 import numpy as np
 import torch
 

@@ -10,6 +10,7 @@ holds for every constant c: each of the four terms moves by c times a row sum, a
 the mean of the unshifted h, which centres h and the cross terms near 0 instead of near -log d, so the float32
 cancellation error in the first-neighbour search (``sym_kl_search``) drops several-fold.
 """
+
 import numpy as np
 import torch
 

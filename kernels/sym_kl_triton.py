@@ -16,6 +16,7 @@ tensor cores) or "tf32" (one TF32 product, ~1e-3 relative: not fp32-level). Load
 precision inputs work, though the public API always passes the float32 prepared rows. The Triton interpreter ignores
 ``input_precision`` and computes in full fp32.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,25 @@ def default_config(device: torch.device) -> TileConfig:
 
 
 @triton.jit
-def _tile(a_ptr, la_ptr, b_ptr, lb_ptr, ha_ptr, hb_ptr, part_val_ptr, part_idx_ptr, m, n, d, pid_m, pid_n,
-          SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _tile(
+    a_ptr,
+    la_ptr,
+    b_ptr,
+    lb_ptr,
+    ha_ptr,
+    hb_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    m,
+    n,
+    d,
+    pid_m,
+    pid_n,
+    SYMMETRIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
     cols = pid_n * BLOCK + tl.arange(0, BLOCK)
     ks = tl.arange(0, BLOCK_K)
@@ -108,36 +126,90 @@ def _tile(a_ptr, la_ptr, b_ptr, lb_ptr, ha_ptr, hb_ptr, part_val_ptr, part_idx_p
     tl.store(part_val_ptr + pid_n * m + rows, row_best, mask=row_ok)
     tl.store(part_idx_ptr + pid_n * m + rows, row_arg, mask=row_ok)
 
-    if SYMMETRIC:
-        if pid_m != pid_n:  # the diagonal tile's row minima already covered all of its pairs
-            # Rows of J against the columns of I.
-            ha = tl.load(ha_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            vals_t = tl.where(~row_ok[:, None], float("inf"), ha[:, None] - acc)
-            col_best = tl.min(vals_t, axis=0)
-            col_arg = tl.min(tl.where(vals_t == col_best[None, :], rows[:, None], big_index), axis=0)
-            tl.store(part_val_ptr + pid_m * m + cols, col_best, mask=col_ok)
-            tl.store(part_idx_ptr + pid_m * m + cols, col_arg, mask=col_ok)
+    if SYMMETRIC and pid_m != pid_n:  # the diagonal tile's row minima already covered all of its pairs
+        # Rows of J against the columns of I.
+        ha = tl.load(ha_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        vals_t = tl.where(~row_ok[:, None], float("inf"), ha[:, None] - acc)
+        col_best = tl.min(vals_t, axis=0)
+        col_arg = tl.min(tl.where(vals_t == col_best[None, :], rows[:, None], big_index), axis=0)
+        tl.store(part_val_ptr + pid_m * m + cols, col_best, mask=col_ok)
+        tl.store(part_idx_ptr + pid_m * m + cols, col_arg, mask=col_ok)
 
 
 @triton.jit
-def _sym_kl_first_neighbour_kernel(a_ptr, la_ptr, b_ptr, lb_ptr, ha_ptr, hb_ptr, part_val_ptr, part_idx_ptr,
-                                   m, n, d, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   PRECISION: tl.constexpr):
+def _sym_kl_first_neighbour_kernel(
+    a_ptr,
+    la_ptr,
+    b_ptr,
+    lb_ptr,
+    ha_ptr,
+    hb_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    m,
+    n,
+    d,
+    SYMMETRIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if SYMMETRIC:
         if pid_m <= pid_n:
-            _tile(a_ptr, la_ptr, b_ptr, lb_ptr, ha_ptr, hb_ptr, part_val_ptr, part_idx_ptr, m, n, d, pid_m, pid_n,
-                  SYMMETRIC, BLOCK, BLOCK_K, PRECISION)
+            _tile(
+                a_ptr,
+                la_ptr,
+                b_ptr,
+                lb_ptr,
+                ha_ptr,
+                hb_ptr,
+                part_val_ptr,
+                part_idx_ptr,
+                m,
+                n,
+                d,
+                pid_m,
+                pid_n,
+                SYMMETRIC,
+                BLOCK,
+                BLOCK_K,
+                PRECISION,
+            )
     else:
-        _tile(a_ptr, la_ptr, b_ptr, lb_ptr, ha_ptr, hb_ptr, part_val_ptr, part_idx_ptr, m, n, d, pid_m, pid_n,
-              SYMMETRIC, BLOCK, BLOCK_K, PRECISION)
+        _tile(
+            a_ptr,
+            la_ptr,
+            b_ptr,
+            lb_ptr,
+            ha_ptr,
+            hb_ptr,
+            part_val_ptr,
+            part_idx_ptr,
+            m,
+            n,
+            d,
+            pid_m,
+            pid_n,
+            SYMMETRIC,
+            BLOCK,
+            BLOCK_K,
+            PRECISION,
+        )
 
 
-def first_neighbours_triton(a: torch.Tensor, la: torch.Tensor, ha: torch.Tensor,
-                            b: torch.Tensor | None = None, lb: torch.Tensor | None = None,
-                            hb: torch.Tensor | None = None, *, precision: str = "ieee",
-                            config: TileConfig | None = None) -> torch.Tensor:
+def first_neighbours_triton(
+    a: torch.Tensor,
+    la: torch.Tensor,
+    ha: torch.Tensor,
+    b: torch.Tensor | None = None,
+    lb: torch.Tensor | None = None,
+    hb: torch.Tensor | None = None,
+    *,
+    precision: str = "ieee",
+    config: TileConfig | None = None,
+) -> torch.Tensor:
     """argmin_j (h_j - a_i . l_j - l_i . a_j) per row i; b=None searches the rows of ``a`` themselves, self excluded.
 
     a, la (m, d) and b, lb (n, d) are contiguous; ha (m,), hb (n,). Returns the indices (int64, on a's device).
@@ -175,7 +247,18 @@ def _launch(operands, m: int, n: int, d: int, symmetric: bool, precision: str, c
     grid = (triton.cdiv(m, config.block), triton.cdiv(n, config.block))
     part_val = torch.empty((grid[1], m), dtype=torch.float32, device=operands[0].device)
     part_idx = torch.empty((grid[1], m), dtype=torch.int32, device=operands[0].device)
-    _sym_kl_first_neighbour_kernel[grid](*operands, part_val, part_idx, m, n, d, SYMMETRIC=symmetric,
-                                         BLOCK=config.block, BLOCK_K=config.block_k, PRECISION=precision,
-                                         num_warps=config.num_warps, num_stages=config.num_stages)
+    _sym_kl_first_neighbour_kernel[grid](
+        *operands,
+        part_val,
+        part_idx,
+        m,
+        n,
+        d,
+        SYMMETRIC=symmetric,
+        BLOCK=config.block,
+        BLOCK_K=config.block_k,
+        PRECISION=precision,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return part_val, part_idx

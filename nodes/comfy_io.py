@@ -76,4 +76,3 @@ def raise_interrupt() -> None:
 
     comfy.model_management.throw_exception_if_processing_interrupted()
     raise comfy.model_management.InterruptProcessingException()
-

@@ -15,8 +15,10 @@ def compose_text(template: str, names: list[str], joiner: str = " and ") -> str:
     from ..uce_core.errors import ConceptExpressError
 
     if not names:
-        raise ConceptExpressError("no concept names: connect tokens from Train Concept Tokens or Load Concept Tokens, "
-                                  "or give the embedding names")
+        raise ConceptExpressError(
+            "no concept names: connect tokens from Train Concept Tokens or Load Concept Tokens, "
+            "or give the embedding names"
+        )
 
     def word(i):
         if not 0 <= i < len(names):
@@ -25,7 +27,7 @@ def compose_text(template: str, names: list[str], joiner: str = " and ") -> str:
 
     pieces, position = [], 0
     for match in _PLACEHOLDER.finditer(template):
-        before = template[position:match.start()]
+        before = template[position : match.start()]
         if before and not before[-1].isspace() and before[-1] not in "([":
             before += " "
         pieces.append(before)
@@ -33,20 +35,24 @@ def compose_text(template: str, names: list[str], joiner: str = " and ") -> str:
         indices = range(len(names)) if key == "all" else [int(key) - 1]
         pieces.append(joiner.join(word(i) for i in indices))
         position = match.end()
-        after = template[position:position + 1]
+        after = template[position : position + 1]
         if after and not after.isspace() and after not in ",.;:)]":
             pieces.append(" ")
     pieces.append(template[position:])
     text = "".join(pieces)
     if "embedding:" not in text:
-        raise ConceptExpressError("the template has no concept in it; write {1}, {2}, ... or {all} where a concept goes.")
+        raise ConceptExpressError(
+            "the template has no concept in it; write {1}, {2}, ... or {all} where a concept goes."
+        )
     return text
 
 
 class ComposeConceptPrompt:
-    DESCRIPTION = ('Writes a prompt with learned concepts: "a photo of {1} and {2} in the snow" becomes '
-                   '"a photo of embedding:concept/concept_1 and embedding:concept/concept_2 in the snow". With a CLIP '
-                   "connected it also encodes it, like CLIP Text Encode.")
+    DESCRIPTION = (
+        'Writes a prompt with learned concepts: "a photo of {1} and {2} in the snow" becomes '
+        '"a photo of embedding:concept/concept_1 and embedding:concept/concept_2 in the snow". With a CLIP '
+        "connected it also encodes it, like CLIP Text Encode."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "compose"
     RETURN_TYPES = ("STRING", "CONDITIONING")
@@ -57,13 +63,21 @@ class ComposeConceptPrompt:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "template": ("STRING", {"default": "a photo of {1}", "multiline": True,
-                                        "tooltip": "{1}, {2}, ... stand for the concepts, {all} for all of them"}),
+                "template": (
+                    "STRING",
+                    {
+                        "default": "a photo of {1}",
+                        "multiline": True,
+                        "tooltip": "{1}, {2}, ... stand for the concepts, {all} for all of them",
+                    },
+                ),
             },
             "optional": {
                 "tokens": ("UCE_TOKENS", {"tooltip": "from Train Concept Tokens or Load Concept Tokens"}),
-                "embedding_names": ("STRING", {"forceInput": True,
-                                               "tooltip": "embedding names, one per line (instead of tokens)"}),
+                "embedding_names": (
+                    "STRING",
+                    {"forceInput": True, "tooltip": "embedding names, one per line (instead of tokens)"},
+                ),
                 "clip": ("CLIP", {"tooltip": "connect to also get the conditioning"}),
             },
         }

@@ -31,7 +31,14 @@ class LoadConceptTokens:
             choices = sorted(concept_sets()) or ["(none saved yet)"]
         except Exception:  # declaring the node must never fail
             choices = ["(none saved yet)"]
-        return {"required": {"concept_set": (choices, {"tooltip": "a folder under models/embeddings written by Train Concept Tokens"})}}
+        return {
+            "required": {
+                "concept_set": (
+                    choices,
+                    {"tooltip": "a folder under models/embeddings written by Train Concept Tokens"},
+                )
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, concept_set):
@@ -46,7 +53,9 @@ class LoadConceptTokens:
 
         folder = concept_sets().get(concept_set)
         if folder is None:
-            raise ConceptExpressError(f"no saved concept set {concept_set!r}; train one with Train Concept Tokens first.")
+            raise ConceptExpressError(
+                f"no saved concept set {concept_set!r}; train one with Train Concept Tokens first."
+            )
         tokens = load_exported(folder)
         names = [f"{concept_set}/{n}" for n in tokens.names]
         tokens.info["embedding_names"] = names

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from ldm_checkpoint import save_single_file
 
 CONFIGS = Path(__file__).resolve().parent.parent / "uce_core" / "backends" / "configs"
@@ -25,7 +24,13 @@ def _config(name: str, part: str) -> dict:
 
 def mini_pipeline(kind: str, seed: int = 0):
     """A diffusers pipeline whose single-file form ComfyUI detects as ``kind`` ("sd15" or "sdxl")."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from concept_express.uce_core.backends.tiny import write_tiny_tokenizer
@@ -33,8 +38,14 @@ def mini_pipeline(kind: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL.from_config(_config("sd1", "vae"))
-        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                                  clip_sample=False, set_alpha_to_one=False)
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        )
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -42,23 +53,51 @@ def mini_pipeline(kind: str, seed: int = 0):
             tokenizer = CLIPTokenizer.from_pretrained(tmp)
         if kind == "sd15":
             unet = UNet2DConditionModel(
-                sample_size=64, block_out_channels=(320, 320, 320), layers_per_block=1, cross_attention_dim=768,
-                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3)
+                sample_size=64,
+                block_out_channels=(320, 320, 320),
+                layers_per_block=1,
+                cross_attention_dim=768,
+                attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D",) * 3,
+                up_block_types=("CrossAttnUpBlock2D",) * 3,
+            )
             text = CLIPTextModel(CLIPTextConfig(**_config("sd1", "text_encoder")))
-            return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            return StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         if kind == "sdxl":
             unet = UNet2DConditionModel(
-                sample_size=128, block_out_channels=(320, 320, 320), layers_per_block=2,
+                sample_size=128,
+                block_out_channels=(320, 320, 320),
+                layers_per_block=2,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 2, 10), attention_head_dim=5, cross_attention_dim=2048,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
+                transformer_layers_per_block=(1, 2, 10),
+                attention_head_dim=5,
+                cross_attention_dim=2048,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            )
             text = CLIPTextModel(CLIPTextConfig(**_config("sdxl", "text_encoder")))
             text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_config("sdxl", "text_encoder_2")))
-            return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
-                                             tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+            return StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=text,
+                text_encoder_2=text_2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+            )
     raise ValueError(kind)
 
 

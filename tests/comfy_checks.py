@@ -10,8 +10,8 @@ import comfy_workflows as cw
 from comfy_server import PACK_NAME
 
 RUN_TIMEOUT = 1500
-MISSING = "does not exist"   # ComfyUI's log line for an embedding it cannot find: "warning, embedding:X does not exist"
-SHAPE_MISMATCH = "shape mismatch"   # ... and for one whose width does not fit the text encoder
+MISSING = "does not exist"  # ComfyUI's log line for an embedding it cannot find: "warning, embedding:X does not exist"
+SHAPE_MISMATCH = "shape mismatch"  # ... and for one whose width does not fit the text encoder
 
 
 def shipped(name, object_info, *, checkpoint, settings=None, enable_templates=()):
@@ -58,7 +58,7 @@ def assert_clear_error(run, node_type, *phrases):
     for phrase in phrases:
         assert phrase in message, message
     assert "Traceback" not in message and len(message) < 700, message
-    assert PACK_NAME in error["traceback"][-1], error["traceback"][-1]   # raised by our code
+    assert PACK_NAME in error["traceback"][-1], error["traceback"][-1]  # raised by our code
     status = run.history["status"]
     assert status["status_str"] == "error" and not status["completed"]
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACK_NAME = "comfyui-concept-express"   # the folder name a user's clone gets in custom_nodes
-SERVER_LIFETIME_S = 3600                # hard limit for one server process
+PACK_NAME = "comfyui-concept-express"  # the folder name a user's clone gets in custom_nodes
+SERVER_LIFETIME_S = 3600  # hard limit for one server process
 TERMINAL = {"execution_success", "execution_error", "execution_interrupted"}
 
 
@@ -60,7 +60,7 @@ def ensure_instruct_pix2pix_unet() -> Path:
     path = checkpoint_cache() / "concept-express-test-sd15-ip2p-unet.safetensors"
     if not path.exists():
         prefix = "model.diffusion_model."
-        state = {k[len(prefix):]: v for k, v in load_file(ensure_checkpoint("sd15")).items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in load_file(ensure_checkpoint("sd15")).items() if k.startswith(prefix)}
         conv = state["input_blocks.0.0.weight"]
         state["input_blocks.0.0.weight"] = torch.cat([conv, torch.zeros_like(conv)], dim=1).contiguous()
         tmp = path.with_suffix(".partial")
@@ -84,8 +84,16 @@ class ComfyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
-        for sub in ("custom_nodes", "models/checkpoints", "models/embeddings", "models/diffusion_models",
-                    "input", "output", "user", "temp"):
+        for sub in (
+            "custom_nodes",
+            "models/checkpoints",
+            "models/embeddings",
+            "models/diffusion_models",
+            "input",
+            "output",
+            "user",
+            "temp",
+        ):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / PACK_NAME
         if not link.exists():
@@ -101,7 +109,9 @@ class ComfyServer:
             "    custom_nodes: custom_nodes\n"
             "    checkpoints: models/checkpoints\n"
             "    embeddings: models/embeddings\n"
-            "    diffusion_models: models/diffusion_models\n", encoding="utf-8")
+            "    diffusion_models: models/diffusion_models\n",
+            encoding="utf-8",
+        )
 
     def add_checkpoint(self, path: Path, folder: str = "checkpoints", name: str | None = None) -> str:
         name = name or path.name
@@ -110,19 +120,39 @@ class ComfyServer:
             target.symlink_to(Path(path).resolve())
         return name
 
-    def start(self, timeout: float = 180) -> "ComfyServer":
-        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--extra-model-paths-config", str(self.base / "extra_model_paths.yaml"),
-                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME,
-                   "--input-directory", str(self.input), "--output-directory", str(self.output),
-                   "--user-directory", str(self.base / "user"), "--temp-directory", str(self.base / "temp"),
-                   "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    def start(self, timeout: float = 180) -> ComfyServer:
+        command = [
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--extra-model-paths-config",
+            str(self.base / "extra_model_paths.yaml"),
+            "--disable-all-custom-nodes",
+            "--whitelist-custom-nodes",
+            PACK_NAME,
+            "--input-directory",
+            str(self.input),
+            "--output-directory",
+            str(self.output),
+            "--user-directory",
+            str(self.base / "user"),
+            "--temp-directory",
+            str(self.base / "temp"),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
+        ]
         if shutil.which("timeout"):
             command = ["timeout", "--kill-after=10", str(SERVER_LIFETIME_S)] + command
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.log_file = open(self.log_path, "w", encoding="utf-8")
-        self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=self.comfyui, stdout=self.log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -152,8 +182,12 @@ class ComfyServer:
     # -- HTTP -------------------------------------------------------------------------------------------------------
     def request(self, path: str, data=None, timeout: float = 60):
         body = None if data is None else json.dumps(data).encode()
-        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"},
-                                     method="GET" if data is None else "POST")
+        req = urllib.request.Request(
+            self.url + path,
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="GET" if data is None else "POST",
+        )
         with urllib.request.urlopen(req, timeout=timeout) as response:
             raw = response.read()
             kind = response.headers.get("Content-Type", "")
@@ -172,7 +206,7 @@ class ComfyServer:
         query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
         return self.get(f"/view?{query}")
 
-    def run(self, prompt: dict, timeout: float = 600, on_message=None) -> "Run":
+    def run(self, prompt: dict, timeout: float = 600, on_message=None) -> Run:
         """Queue ``prompt`` and follow it on the websocket until it ends; ``on_message(run, message)`` (async) is
         called for each message of this prompt."""
         return asyncio.run(asyncio.wait_for(self._run(prompt, on_message), timeout))
@@ -241,8 +275,9 @@ class Run:
 
     def node_seconds(self, node: str) -> float:
         """From the node's "executing" message to the next one (how long the node ran)."""
-        times = [(m["t"], m["data"].get("node")) for m in self.messages
-                 if m["type"] == "executing" or m["type"] in TERMINAL]
+        times = [
+            (m["t"], m["data"].get("node")) for m in self.messages if m["type"] == "executing" or m["type"] in TERMINAL
+        ]
         for (t, n), (t_next, _) in zip(times, times[1:]):
             if n == node:
                 return t_next - t

@@ -52,26 +52,30 @@ STOCK_NODES = {
         "output": ("CONDITIONING",),
     },
     "EmptyLatentImage": {
-        "input": {"required": {
-            "width": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
-        }},
+        "input": {
+            "required": {
+                "width": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                "height": ("INT", {"default": 512, "min": 16, "max": 16384, "step": 8}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            }
+        },
         "output": ("LATENT",),
     },
     "KSampler": {
-        "input": {"required": {
-            "model": ("MODEL", {}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0}),
-            "sampler_name": (SAMPLERS, {}),
-            "scheduler": (SCHEDULERS, {}),
-            "positive": ("CONDITIONING", {}),
-            "negative": ("CONDITIONING", {}),
-            "latent_image": ("LATENT", {}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
-        }},
+        "input": {
+            "required": {
+                "model": ("MODEL", {}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0}),
+                "sampler_name": (SAMPLERS, {}),
+                "scheduler": (SCHEDULERS, {}),
+                "positive": ("CONDITIONING", {}),
+                "negative": ("CONDITIONING", {}),
+                "latent_image": ("LATENT", {}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
+            }
+        },
         "output": ("LATENT",),
     },
     "VAEDecode": {"input": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}}, "output": ("IMAGE",)},
@@ -119,9 +123,10 @@ def load(name: str) -> dict:
 @dataclass
 class Slot:
     """One entry of a node's widgets_values."""
-    input: str            # the input it belongs to
-    kind: str             # "value", "control_after_generate" or "upload"
-    spec: tuple | None    # (type or choices, options) for "value"
+
+    input: str  # the input it belongs to
+    kind: str  # "value", "control_after_generate" or "upload"
+    spec: tuple | None  # (type or choices, options) for "value"
 
 
 def input_kind(spec) -> str:
@@ -205,7 +210,7 @@ def to_api(workflow: dict, declarations: dict[str, dict]) -> dict:
         values = dict(zip([(s.input, s.kind) for s in widget_slots(declaration)], node.get("widgets_values") or []))
         linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
         inputs = {}
-        for name, spec in declared_inputs(declaration):
+        for name, _spec in declared_inputs(declaration):
             if name in linked:
                 _, source, slot, *_ = links[linked[name]]
                 if nodes[source].get("mode", MODE_ALWAYS) == MODE_NEVER:
@@ -231,8 +236,9 @@ def set_inputs(prompt: dict, class_type: str, **values) -> None:
 
 def branch_nodes(workflow: dict, template: str) -> list[int]:
     """The ComposeConceptPrompt with ``template`` and every node downstream of it (a sampling branch)."""
-    (start,) = [n["id"] for n in workflow["nodes"]
-                if n["type"] == "ComposeConceptPrompt" and n["widgets_values"][0] == template]
+    (start,) = [
+        n["id"] for n in workflow["nodes"] if n["type"] == "ComposeConceptPrompt" and n["widgets_values"][0] == template
+    ]
     found, frontier = [start], [start]
     while frontier:
         current = frontier.pop()

@@ -17,7 +17,7 @@ import functools  # noqa: E402
 import pytest  # noqa: E402
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_backend(name: str):
     from concept_express.uce_core.backends.loading import load_backend
 
@@ -55,7 +55,7 @@ def hand_made_concepts(maps, boxes):
     return Concepts(masks, features, torch.ones(len(boxes)), maps.grid, maps.image, {"source": "hand-made"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _maps(name):
     from concept_express.uce_core.attention import capture_attention
     from concept_express.uce_core.cli import EXAMPLE_IMAGE
@@ -71,8 +71,12 @@ def concepts_for():
     def make(name="tiny-sd1", count=3):
         maps = _maps(name)
         chosen = [boxes[i % len(boxes)] for i in range(count)]
-        chosen = [(y0, y1, (x0 + 3 * (i // len(boxes))) % 20, (x0 + 3 * (i // len(boxes))) % 20 + 4) if i >= len(boxes)
-                  else (y0, y1, x0, x1) for i, (y0, y1, x0, x1) in enumerate(chosen)]
+        chosen = [
+            (y0, y1, (x0 + 3 * (i // len(boxes))) % 20, (x0 + 3 * (i // len(boxes))) % 20 + 4)
+            if i >= len(boxes)
+            else (y0, y1, x0, x1)
+            for i, (y0, y1, x0, x1) in enumerate(chosen)
+        ]
         return _tiny_backend(name), hand_made_concepts(maps, chosen)
 
     return make

@@ -12,8 +12,14 @@ import re
 
 import torch
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
@@ -27,12 +33,18 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
 
 
 def _unet_key(key: str, per: int, cfg) -> str:
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     for a, b in fixed.items():
         if key.startswith(a + "."):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
@@ -72,16 +84,25 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
         new = key
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", new)
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", new)
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
-                     lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}", new)
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0",
-                     lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample", new)
-        new = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}", new)
+        new = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}", new
+        )
+        new = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample", new
+        )
+        new = re.sub(
+            r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}", new
+        )
         new = re.sub(r"^(encoder|decoder)\.mid_block\.attentions\.0", r"\1.mid.attn_1", new)
         new = new.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
         if ".mid.attn_1." in new:
-            new = (new.replace(".group_norm.", ".norm.").replace(".to_q.", ".q.").replace(".to_k.", ".k.")
-                   .replace(".to_v.", ".v.").replace(".to_out.0.", ".proj_out."))
+            new = (
+                new.replace(".group_norm.", ".norm.")
+                .replace(".to_q.", ".q.")
+                .replace(".to_k.", ".k.")
+                .replace(".to_v.", ".v.")
+                .replace(".to_out.0.", ".proj_out.")
+            )
             if new.endswith("weight") and value.ndim == 2:
                 value = value[:, :, None, None]
         out["first_stage_model." + new] = value
@@ -96,12 +117,16 @@ def clip_to_ldm(encoder, prefix: str) -> dict[str, torch.Tensor]:
 def open_clip_to_ldm(encoder, prefix: str) -> dict[str, torch.Tensor]:
     """OpenCLIP layout (SD2.x text encoder, SDXL's second)."""
     sd = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
-    out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": sd["final_layer_norm.weight"],
-           prefix + "ln_final.bias": sd["final_layer_norm.bias"]}
+    out = {
+        prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["final_layer_norm.bias"],
+    }
     hidden = sd["final_layer_norm.weight"].shape[0]
-    out[prefix + "text_projection"] = sd["text_projection.weight"].T.contiguous() if "text_projection.weight" in sd else torch.eye(hidden)
+    out[prefix + "text_projection"] = (
+        sd["text_projection.weight"].T.contiguous() if "text_projection.weight" in sd else torch.eye(hidden)
+    )
     layers = sorted({int(m[1]) for k in sd for m in [re.match(r"encoder\.layers\.(\d+)\.", k)] if m})
     for i in layers:
         src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."

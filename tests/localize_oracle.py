@@ -5,10 +5,9 @@ loop, level rule and delta bookkeeping written out literally. It shares no code 
 """
 
 import numpy as np
+from oracles import bilinear_axis
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
-
-from oracles import bilinear_axis
 
 
 def sym_kl(a: np.ndarray) -> np.ndarray:

@@ -5,9 +5,8 @@ divide by the sum of weights, row renormalisation."""
 import numpy as np
 import pytest
 import torch
-
-from concept_express.uce_core.backends.base import AttentionLayer
 from oracles import aggregate_oracle as oracle
+
 from concept_express.uce_core.attention import (
     CaptureRecorder,
     aggregate_self_attention,
@@ -15,6 +14,7 @@ from concept_express.uce_core.attention import (
     grid_of,
     normalise_rows,
 )
+from concept_express.uce_core.backends.base import AttentionLayer
 
 
 def random_attention(rng, grid, sharp=3.0):
@@ -24,11 +24,14 @@ def random_attention(rng, grid, sharp=3.0):
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("target,grids", [
-    ((16, 16), [(16, 16), (8, 8), (4, 4), (2, 2), (8, 8), (16, 16)]),     # square, SD-like pyramid
-    ((12, 16), [(12, 16), (6, 8), (3, 4), (6, 8)]),                      # non-square latent (3:4)
-    ((8, 8), [(16, 16), (8, 8), (4, 4)]),                                # target coarser than the finest layer
-])
+@pytest.mark.parametrize(
+    "target,grids",
+    [
+        ((16, 16), [(16, 16), (8, 8), (4, 4), (2, 2), (8, 8), (16, 16)]),  # square, SD-like pyramid
+        ((12, 16), [(12, 16), (6, 8), (3, 4), (6, 8)]),  # non-square latent (3:4)
+        ((8, 8), [(16, 16), (8, 8), (4, 4)]),  # target coarser than the finest layer
+    ],
+)
 def test_aggregation_matches_float64_oracle(target, grids):
     rng = np.random.default_rng(0)
     layers = [(random_attention(rng, g), g) for g in grids]
@@ -72,20 +75,20 @@ def test_attention_with_probs_matches_naive_softmax_in_float64():
     b, nq, nk, heads, dh = 2, 37, 11, 3, 4
     q, k, v = (torch.randn(b, n, heads * dh, generator=g) for n in (nq, nk, nk))
     qd, kd, vd = (t.double().view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
-    p = torch.softmax(qd @ kd.transpose(-1, -2) * dh ** -0.5, dim=-1)
+    p = torch.softmax(qd @ kd.transpose(-1, -2) * dh**-0.5, dim=-1)
     expected_out = (p @ vd).transpose(1, 2).reshape(b, nq, -1)
     chunk = 4 * b * heads * nk * 8  # 8 query rows per chunk: exercises the chunk loop
     with torch.no_grad():  # in-place path
-        out, probs = attention_with_probs(q, k, v, heads, scale=dh ** -0.5, chunk_bytes=chunk)
+        out, probs = attention_with_probs(q, k, v, heads, scale=dh**-0.5, chunk_bytes=chunk)
     torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs.double(), p.mean(1), rtol=1e-5, atol=1e-7)
     qg = q.clone().requires_grad_(True)  # autograd path
-    out_g, probs_g = attention_with_probs(qg, k, v, heads, scale=dh ** -0.5, chunk_bytes=chunk)
+    out_g, probs_g = attention_with_probs(qg, k, v, heads, scale=dh**-0.5, chunk_bytes=chunk)
     torch.testing.assert_close(out_g.double(), expected_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs_g.double(), p.mean(1), rtol=1e-5, atol=1e-7)
     (out_g.sum() + probs_g[:, :, 0].sum()).backward()
     qd_g = q.double().clone().requires_grad_(True)
-    pd = torch.softmax(qd_g.view(b, -1, heads, dh).transpose(1, 2) @ kd.transpose(-1, -2) * dh ** -0.5, dim=-1)
+    pd = torch.softmax(qd_g.view(b, -1, heads, dh).transpose(1, 2) @ kd.transpose(-1, -2) * dh**-0.5, dim=-1)
     ((pd @ vd).sum() + pd.mean(1)[:, :, 0].sum()).backward()
     torch.testing.assert_close(qg.grad.double(), qd_g.grad, rtol=1e-4, atol=1e-6)
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
+from oracles import aggregate_oracle
 
 from concept_express.uce_core.attention import AttentionMaps, capture_attention
 from concept_express.uce_core.backends.base import Prompt
 from concept_express.uce_core.errors import ConceptExpressError
 from concept_express.uce_core.images import fit_to_model, load_image, to_tensor
-from oracles import aggregate_oracle
 
 
 def _diffusers_probabilities(backend, image_path, monkeypatch):
@@ -39,8 +39,10 @@ def _diffusers_probabilities(backend, image_path, monkeypatch):
             kwargs = {}
             if backend.info.family == "sdxl":
                 h, w = picture.height, picture.width
-                kwargs["added_cond_kwargs"] = {"text_embeds": cond.extras["text_embeds"],
-                                               "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)}
+                kwargs["added_cond_kwargs"] = {
+                    "text_embeds": cond.extras["text_embeds"],
+                    "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
+                }
             backend.unet(latents, torch.tensor([0]), encoder_hidden_states=cond.context, **kwargs)
     finally:
         backend.unet.set_attn_processor(saved)

@@ -17,18 +17,26 @@ from concept_express.uce_core import cli
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "concept_express.uce_core.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "concept_express.uce_core.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["extract", "--demo"], (100, 20)),  # the demo's short schedule, 1:4 like the paper's
-    (["extract", "photo.png", "--model", "m.safetensors"], (500, 100)),  # scripts/train.sh
-    (["extract", "--demo", "--steps", "500"], (500, 100)),  # an explicit length gets the paper's merge step
-    (["extract", "--demo", "--steps", "40", "--merge-step", "8"], (40, 8)),
-    (["extract", "photo.png", "--model", "m", "--merge-step", "0"], (500, 0)),
-    (["extract", "photo.png", "--model", "m", "--steps", "80"], (80, 16)),  # too short for step 100: a fifth
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["extract", "--demo"], (100, 20)),  # the demo's short schedule, 1:4 like the paper's
+        (["extract", "photo.png", "--model", "m.safetensors"], (500, 100)),  # scripts/train.sh
+        (["extract", "--demo", "--steps", "500"], (500, 100)),  # an explicit length gets the paper's merge step
+        (["extract", "--demo", "--steps", "40", "--merge-step", "8"], (40, 8)),
+        (["extract", "photo.png", "--model", "m", "--merge-step", "0"], (500, 0)),
+        (["extract", "photo.png", "--model", "m", "--steps", "80"], (80, 16)),  # too short for step 100: a fifth
+    ],
+)
 def test_training_schedule_defaults(argv, expected):
     args = cli.build_parser().parse_args(argv)
     assert cli._schedule(args) == expected
@@ -60,8 +68,19 @@ def test_extract_writes_loadable_embeddings_then_generate_renders_them(tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     images = tmp_path / "images"
-    rendered = _cli("generate", "--concepts", str(out), "--prompt", "a photo of {1} and {all}", "--count", "2",
-                    "--sampling-steps", "2", "--out", str(images))
+    rendered = _cli(
+        "generate",
+        "--concepts",
+        str(out),
+        "--prompt",
+        "a photo of {1} and {all}",
+        "--count",
+        "2",
+        "--sampling-steps",
+        "2",
+        "--out",
+        str(images),
+    )
     assert rendered.returncode == 0, rendered.stderr
     pictures = sorted(images.glob("*.png"))
     assert len(pictures) == 2
@@ -85,11 +104,17 @@ def test_extract_keeps_an_interrupted_runs_checkpoint(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [checkpoint.name]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--concepts", "x", "--prompt", "{1}", "--sampling-steps", "0"], "--sampling-steps: 0 is too small"),
-    (["capture", "--demo", "--timestep", "5000"], "--timestep: 5000 is out of range: give 0..999"),
-    (["extract", "--demo", "--steps", "ten"], "--steps: 'ten' is not a whole number"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["generate", "--concepts", "x", "--prompt", "{1}", "--sampling-steps", "0"],
+            "--sampling-steps: 0 is too small",
+        ),
+        (["capture", "--demo", "--timestep", "5000"], "--timestep: 5000 is out of range: give 0..999"),
+        (["extract", "--demo", "--steps", "ten"], "--steps: 'ten' is not a whole number"),
+    ],
+)
 def test_out_of_range_numbers_are_refused_before_any_work(argv, message):
     result = _cli(*argv)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
-pytestmark = [pytest.mark.comfyui,
-              pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="needs a ComfyUI tree in COMFYUI_PATH")]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="needs a ComfyUI tree in COMFYUI_PATH"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +21,11 @@ def comfy_sd15():
 
     args.cpu = True
     import comfy.sd
-
     from comfy_server import ensure_checkpoint
 
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ensure_checkpoint("sd15")), output_vae=True,
-                                                                output_clip=True)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(ensure_checkpoint("sd15")), output_vae=True, output_clip=True
+    )
     return model, clip, vae
 
 
@@ -38,7 +40,7 @@ def test_vectors_encode_like_an_embedding_file_in_a_prompt(comfy_sd15, tmp_path)
     g = torch.Generator().manual_seed(0)
     vectors = [torch.randn(2, 768, generator=g) * 0.3]
     for i in range(2):
-        save_file({"emb_params": vectors[0][i:i + 1].contiguous()}, str(tmp_path / f"cx_{i}.safetensors"))
+        save_file({"emb_params": vectors[0][i : i + 1].contiguous()}, str(tmp_path / f"cx_{i}.safetensors"))
     clip_with_files = clip.clone()
     for tokenizer in (clip_with_files.tokenizer.clip_l,):
         tokenizer.embedding_directory = [str(tmp_path)]
@@ -48,7 +50,7 @@ def test_vectors_encode_like_an_embedding_file_in_a_prompt(comfy_sd15, tmp_path)
         ours = backend.encode_prompts(prompts, vectors).context
         for b, text in enumerate(texts):
             expected = clip_with_files.encode_from_tokens(clip_with_files.tokenize(text))
-            torch.testing.assert_close(ours[b:b + 1].float(), expected.float(), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(ours[b : b + 1].float(), expected.float(), rtol=1e-3, atol=1e-3)
 
 
 def test_prediction_is_the_raw_unet_output(comfy_sd15):
@@ -71,12 +73,12 @@ def test_prediction_is_the_raw_unet_output(comfy_sd15):
 
 def test_training_through_comfyui_leaves_nothing_patched_and_only_vectors_learn(comfy_sd15):
     import comfy.clip_model
+    from conftest import hand_made_concepts
 
     from concept_express.uce_core.attention import capture_attention
     from concept_express.uce_core.backends.comfy_backend import ComfyBackend
     from concept_express.uce_core.cli import EXAMPLE_IMAGE
     from concept_express.uce_core.train import TrainSettings, train_concept_tokens
-    from conftest import hand_made_concepts
 
     model, clip, vae = comfy_sd15
     backend = ComfyBackend(model, clip, vae)

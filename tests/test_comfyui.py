@@ -7,27 +7,32 @@ settings (256 px capture, 2 training steps, 2 sampling steps at 128 px); everyth
 
 import time
 
-import pytest
-
 import comfy_workflows as cw
-from comfy_checks import (assert_clear_error, assert_embeddings_found, describe, embedding_files, png_size,
-                          run_logged)
+import pytest
+from comfy_checks import assert_clear_error, assert_embeddings_found, describe, embedding_files, png_size, run_logged
 from comfy_checks import shipped as shipped_workflow
 from comfy_server import PACK_NAME, comfyui_path, ensure_instruct_pix2pix_unet, running_server
+
 from concept_express.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
-              pytest.mark.skipif(comfyui_path() is None,
-                                 reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)")]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
+    ),
+]
 
 CHECKPOINT = "concept-express-test-sd15.safetensors"
 PREFIX = "cx_test"
 RESOLUTION = 256
 LATENT = 128
-SMALL = {"CaptureAttention": {"resolution": RESOLUTION},
-         "TrainConceptTokens": {"name_prefix": PREFIX, "steps": 2, "merge_step": 1, "split_tokens": 2},
-         "KSampler": {"steps": 2},
-         "EmptyLatentImage": {"width": LATENT, "height": LATENT}}
+SMALL = {
+    "CaptureAttention": {"resolution": RESOLUTION},
+    "TrainConceptTokens": {"name_prefix": PREFIX, "steps": 2, "merge_step": 1, "split_tokens": 2},
+    "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": LATENT, "height": LATENT},
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,9 @@ def object_info(server):
 
 def shipped(name, object_info, *, prefix=PREFIX, enable_templates=()):
     settings = {**SMALL, "TrainConceptTokens": {**SMALL["TrainConceptTokens"], "name_prefix": prefix}}
-    return shipped_workflow(name, object_info, checkpoint=CHECKPOINT, settings=settings,
-                            enable_templates=enable_templates)
+    return shipped_workflow(
+        name, object_info, checkpoint=CHECKPOINT, settings=settings, enable_templates=enable_templates
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,7 @@ def extract(server, object_info):
 
 
 # -- registration and templates -------------------------------------------------------------------------------------
+
 
 def test_our_nodes_are_registered_as_declared(object_info):
     for name, cls in NODE_CLASS_MAPPINGS.items():
@@ -89,18 +96,22 @@ def test_stock_nodes_are_as_listed_for_the_ci_tests(object_info):
                 for key in ("min", "max"):
                     assert spec[1].get(key) == ours[1].get(key), (name, input_name, key)
         assert real[name]["output"] == listed["output"], name
-        assert [(s.input, s.kind) for s in cw.widget_slots(real[name])] == \
-            [(s.input, s.kind) for s in cw.widget_slots(listed)], name
+        assert [(s.input, s.kind) for s in cw.widget_slots(real[name])] == [
+            (s.input, s.kind) for s in cw.widget_slots(listed)
+        ], name
 
 
 def test_workflows_are_served_as_templates(server):
     assert sorted(server.get("/workflow_templates")[PACK_NAME]) == sorted(cw.WORKFLOW_NAMES)
     for name in cw.WORKFLOW_NAMES:
         assert server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json") == cw.load(name)
-        assert server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg") == (cw.WORKFLOWS / f"{name}.jpg").read_bytes()
+        assert (
+            server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg") == (cw.WORKFLOWS / f"{name}.jpg").read_bytes()
+        )
 
 
 # -- the extract workflow ---------------------------------------------------------------------------------------------
+
 
 def test_extract_writes_one_embedding_per_concept(extract, server):
     names = extract["names"]
@@ -122,10 +133,14 @@ def test_extract_uses_the_embeddings_with_no_missing_warning(extract):
 
 def test_a_missing_embedding_does_show_in_the_log(server, object_info):
     """Control for the test above: the same log gets ComfyUI's warning when a name is wrong."""
-    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-              "2": {"class_type": "ComposeConceptPrompt",
-                    "inputs": {"template": "a photo of {1}", "embedding_names": "nowhere/nowhere_1", "clip": ["1", 1]}},
-              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {
+            "class_type": "ComposeConceptPrompt",
+            "inputs": {"template": "a photo of {1}", "embedding_names": "nowhere/nowhere_1", "clip": ["1", 1]},
+        },
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
     run, log = run_logged(server, prompt)
     assert run.status == "execution_success", describe(run)
     assert "embedding:nowhere/nowhere_1 does not exist" in log
@@ -134,13 +149,13 @@ def test_a_missing_embedding_does_show_in_the_log(server, object_info):
 def test_extract_images_come_out(extract, server):
     prompt, run = extract["prompt"], extract["run"]
     saves = cw.nodes_of(prompt, "SaveImage")
-    assert len(saves) == 2   # composition and concept 1 (concepts 2 and 3 are muted as shipped)
+    assert len(saves) == 2  # composition and concept 1 (concepts 2 and 3 are muted as shipped)
     for node in saves:
         (image,) = run.images(node)
         assert image["type"] == "output" and image["subfolder"] == "ConceptExpress"
         assert png_size(server.view(image)) == (LATENT, LATENT)
         assert (server.output / image["subfolder"] / image["filename"]).is_file()
-    for node in cw.nodes_of(prompt, "PreviewImage"):   # EOT map, overlay, masks, loss curve
+    for node in cw.nodes_of(prompt, "PreviewImage"):  # EOT map, overlay, masks, loss curve
         images = run.images(node)
         assert images, prompt[node]
         width, height = png_size(server.view(images[0]))
@@ -152,15 +167,15 @@ def test_second_queue_reuses_the_saved_set(extract, server):
     finds the finished set and loads it instead of training."""
     before = embedding_files(server, PREFIX)
     server.post("/free", {"free_memory": True})
-    time.sleep(2)   # the flag is applied by the prompt worker before it takes the next prompt
+    time.sleep(2)  # the flag is applied by the prompt worker before it takes the next prompt
     run, log = run_logged(server, extract["prompt"])
     assert run.status == "execution_success", describe(run)
     train = extract["train"]
     assert train in run.executed_nodes() and train not in run.cached_nodes()
-    assert run.progress(train) == []   # no training step
+    assert run.progress(train) == []  # no training step
     assert run.node_seconds(train) < extract["run"].node_seconds(train) / 2
     assert run.history["outputs"][train]["text"][0].splitlines() == extract["names"]
-    assert embedding_files(server, PREFIX) == before   # nothing rewritten
+    assert embedding_files(server, PREFIX) == before  # nothing rewritten
     assert_embeddings_found(log)
 
 
@@ -172,10 +187,11 @@ def test_enabling_the_branch_of_each_further_concept(extract, server, object_inf
     prompt = shipped("extract", object_info, enable_templates=enabled)
     run, log = run_logged(server, prompt)
     assert run.status == "execution_success", describe(run)
-    assert extract["train"] in run.cached_nodes()   # training is not repeated
+    assert extract["train"] in run.cached_nodes()  # training is not repeated
     new = [n for n in cw.nodes_of(prompt, "SaveImage") if n in run.executed_nodes()]
-    assert sorted(prompt[n]["inputs"]["filename_prefix"] for n in new) == \
-        [f"ConceptExpress/concept_{k}" for k in range(2, min(count, 3) + 1)]
+    assert sorted(prompt[n]["inputs"]["filename_prefix"] for n in new) == [
+        f"ConceptExpress/concept_{k}" for k in range(2, min(count, 3) + 1)
+    ]
     for node in new:
         (image,) = run.images(node)
         assert png_size(server.view(image)) == (LATENT, LATENT)
@@ -183,6 +199,7 @@ def test_enabling_the_branch_of_each_further_concept(extract, server, object_inf
 
 
 # -- the reuse workflow -----------------------------------------------------------------------------------------------
+
 
 def test_reuse_samples_with_the_saved_set(extract, server, object_info):
     prompt = shipped("reuse", object_info)
@@ -197,13 +214,25 @@ def test_reuse_samples_with_the_saved_set(extract, server, object_info):
 
 # -- bad inputs: clear errors -----------------------------------------------------------------------------------------
 
+
 def _capture_prompt(image="example.png", model=None):
-    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-              "2": {"class_type": "LoadImage", "inputs": {"image": image}},
-              "3": {"class_type": "CaptureAttention",
-                    "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0],
-                               "timestep": 0, "resize": "keep", "resolution": RESOLUTION}},
-              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}}}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "3": {
+            "class_type": "CaptureAttention",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "image": ["2", 0],
+                "timestep": 0,
+                "resize": "keep",
+                "resolution": RESOLUTION,
+            },
+        },
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+    }
     if model is not None:
         prompt["5"] = model
         prompt["3"]["inputs"]["model"] = ["5", 0]
@@ -229,8 +258,9 @@ def test_an_unsupported_model_is_a_clear_error(server):
 def test_a_branch_for_a_concept_that_does_not_exist_is_a_clear_error(extract, server, object_info):
     count = len(extract["names"])
     prompt = shipped("extract", object_info)
-    (compose,) = [n for n in cw.nodes_of(prompt, "ComposeConceptPrompt")
-                  if prompt[n]["inputs"]["template"] == "a photo of {1}"]
+    (compose,) = [
+        n for n in cw.nodes_of(prompt, "ComposeConceptPrompt") if prompt[n]["inputs"]["template"] == "a photo of {1}"
+    ]
     prompt[compose]["inputs"]["template"] = f"a photo of {{{count + 1}}}"
     run, _ = run_logged(server, prompt)
     assert_clear_error(run, "ComposeConceptPrompt", f"{{{count + 1}}}", f"only {count} concept")
@@ -246,6 +276,7 @@ def test_retraining_into_an_existing_set_is_refused(extract, server, object_info
 
 
 # -- Cancel -----------------------------------------------------------------------------------------------------------
+
 
 def test_cancel_stops_training_within_a_step_and_the_next_run_resumes(server, object_info):
     prefix, steps = "cx_cancel", 4
@@ -267,17 +298,20 @@ def test_cancel_stops_training_within_a_step_and_the_next_run_resumes(server, ob
     assert run.status == "execution_interrupted", describe(run)
     (stopped,) = run.of_type("execution_interrupted")
     assert stopped["node_id"] == train and stopped["node_type"] == "TrainConceptTokens"
-    later = [m["data"]["value"] for m in run.messages[seen["index"]:]
-             if m["type"] == "progress" and m["data"].get("node") == train]
-    assert seen["at"] >= 1 and len(later) <= 1 and max([seen["at"], *later]) < steps   # at most the step in flight
-    assert embedding_files(server, prefix) == {}   # nothing in the embeddings folder
+    later = [
+        m["data"]["value"]
+        for m in run.messages[seen["index"] :]
+        if m["type"] == "progress" and m["data"].get("node") == train
+    ]
+    assert seen["at"] >= 1 and len(later) <= 1 and max([seen["at"], *later]) < steps  # at most the step in flight
+    assert embedding_files(server, prefix) == {}  # nothing in the embeddings folder
     assert checkpoint.is_file()
     assert prefix not in " ".join(server.get("/embeddings"))
 
     run, log = run_logged(server, prompt)
     assert run.status == "execution_success", describe(run)
     progress = run.progress(train)
-    assert progress[0] >= seen["at"], progress   # resumed where it stopped, not from step 0
+    assert progress[0] >= seen["at"], progress  # resumed where it stopped, not from step 0
     assert progress[-1] == steps and len(progress) <= steps - seen["at"] + 1
     assert not checkpoint.exists()
     assert sorted(embedding_files(server, prefix))

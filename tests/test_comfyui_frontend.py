@@ -7,18 +7,28 @@ import json
 import os
 import shutil
 
-import pytest
-
 import comfy_workflows as cw
+import pytest
 from comfy_server import PACK_NAME, artifacts_dir, comfyui_path, running_server
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
-              pytest.mark.skipif(comfyui_path() is None,
-                                 reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)")]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
+    ),
+]
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1600, "height": 1000}
 TIMEOUT_MS = 60_000
 # Console noise of an offline frontend with an empty user folder (user.css, templates index, remote assets).
@@ -53,8 +63,14 @@ class Page:
         self.page.set_default_timeout(TIMEOUT_MS)
         self.errors, self.alerts = [], []
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
-        self.page.on("console", lambda m: m.type == "error" and not any(h in m.text for h in HARMLESS)
-                     and self.errors.append(f"console: {m.text}"))
+        self.page.on(
+            "console",
+            lambda m: (
+                m.type == "error"
+                and not any(h in m.text for h in HARMLESS)
+                and self.errors.append(f"console: {m.text}")
+            ),
+        )
         self.page.on("dialog", lambda d: (self.alerts.append(d.message), d.dismiss()))
         self.page.goto(url)
         self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph")
@@ -82,23 +98,29 @@ def test_workflow_opens_from_the_templates_menu(name, server, browser, tmp_path_
         dialog.get_by_text(PACK_NAME, exact=True).first.click()
         card = dialog.get_by_test_id(f"template-workflow-{name}")
         card.wait_for()
-        assert sorted(t.split("template-workflow-")[1] for t in page.evaluate(
-            "() => Array.from(document.querySelectorAll('[data-testid^=template-workflow-]'))"
-            ".map(e => e.getAttribute('data-testid'))")) == sorted(cw.WORKFLOW_NAMES)
+        assert sorted(
+            t.split("template-workflow-")[1]
+            for t in page.evaluate(
+                "() => Array.from(document.querySelectorAll('[data-testid^=template-workflow-]'))"
+                ".map(e => e.getAttribute('data-testid'))"
+            )
+        ) == sorted(cw.WORKFLOW_NAMES)
         card.click()
         page.wait_for_function(f"window.app.graph._nodes.length === {len(cw.load(name)['nodes'])}")
         page.get_by_role("dialog").wait_for(state="hidden")
         page.wait_for_timeout(1500)
 
         assert view.alerts == [] and view.errors == [] and view.error_toasts() == []
-        assert page.get_by_role("dialog").count() == 0   # no missing-nodes or other error dialog
+        assert page.get_by_role("dialog").count() == 0  # no missing-nodes or other error dialog
         shipped = cw.load(name)
         loaded = json.loads(page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)"))
-        assert sorted((n["id"], n["type"], n.get("mode", 0)) for n in loaded["nodes"]) == \
-            sorted((n["id"], n["type"], n["mode"]) for n in shipped["nodes"])
+        assert sorted((n["id"], n["type"], n.get("mode", 0)) for n in loaded["nodes"]) == sorted(
+            (n["id"], n["type"], n["mode"]) for n in shipped["nodes"]
+        )
         assert sorted(map(tuple, loaded["links"])) == sorted(map(tuple, shipped["links"]))
-        assert {n["id"]: n.get("widgets_values") or [] for n in loaded["nodes"]} == \
-            {n["id"]: n.get("widgets_values") or [] for n in shipped["nodes"]}
+        assert {n["id"]: n.get("widgets_values") or [] for n in loaded["nodes"]} == {
+            n["id"]: n.get("widgets_values") or [] for n in shipped["nodes"]
+        }
         for node_type in {n["type"] for n in shipped["nodes"]}:
             assert page.evaluate("(t) => !!LiteGraph.registered_node_types[t]", node_type), node_type
 

@@ -6,25 +6,30 @@ On CPU, ComfyUI keeps the text encoders in float16 and casts them per layer, so 
 holds its own float32 copy of CLIP-G (~3 GB) until the backward pass: the settings keep it to one concept and one
 prompt per step."""
 
-import pytest
-
 import comfy_workflows as cw
+import pytest
 from comfy_checks import assert_clear_error, assert_embeddings_found, describe, png_size, run_logged, shipped
 from comfy_server import comfyui_path, running_server
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
-              pytest.mark.skipif(comfyui_path() is None,
-                                 reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)")]
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
+    ),
+]
 
 SDXL = "concept-express-test-sdxl.safetensors"
 SD15 = "concept-express-test-sd15.safetensors"
 PREFIX = "cx_sdxl"
 LATENT = 128
-SMALL = {"CaptureAttention": {"resolution": 256},
-         "LocalizeConcepts": {"n_max": 2},
-         "TrainConceptTokens": {"name_prefix": PREFIX, "steps": 2, "merge_step": 1, "split_tokens": 1},
-         "KSampler": {"steps": 2},
-         "EmptyLatentImage": {"width": LATENT, "height": LATENT}}
+SMALL = {
+    "CaptureAttention": {"resolution": 256},
+    "LocalizeConcepts": {"n_max": 2},
+    "TrainConceptTokens": {"name_prefix": PREFIX, "steps": 2, "merge_step": 1, "split_tokens": 1},
+    "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": LATENT, "height": LATENT},
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +39,24 @@ def server(tmp_path_factory):
 
 
 def test_sdxl_model_with_another_checkpoints_clip_is_a_clear_error(server):
-    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL}},
-              "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
-              "3": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-              "4": {"class_type": "CaptureAttention",
-                    "inputs": {"model": ["1", 0], "clip": ["2", 1], "vae": ["1", 2], "image": ["3", 0],
-                               "timestep": 0, "resize": "keep", "resolution": 256}},
-              "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}}}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "4": {
+            "class_type": "CaptureAttention",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["2", 1],
+                "vae": ["1", 2],
+                "image": ["3", 0],
+                "timestep": 0,
+                "resize": "keep",
+                "resolution": 256,
+            },
+        },
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
+    }
     run, _ = run_logged(server, prompt)
     assert_clear_error(run, "CaptureAttention", "does not match the sdxl MODEL", "CLIP of the same checkpoint")
 
@@ -56,7 +72,7 @@ def test_sdxl_extract_writes_and_uses_embeddings(server):
     for name in names:
         assert (server.embeddings / f"{name}.safetensors").is_file()
     assert set(names) <= set(server.get("/embeddings"))
-    assert_embeddings_found(log)   # both text encoders took the vectors (no "does not exist", no "shape mismatch")
+    assert_embeddings_found(log)  # both text encoders took the vectors (no "does not exist", no "shape mismatch")
     for node in cw.nodes_of(prompt, "SaveImage"):
         (image,) = run.images(node)
         assert png_size(server.view(image)) == (LATENT, LATENT)

@@ -5,14 +5,21 @@ import numpy as np
 import pytest
 import torch
 
-from concept_express.uce_core.evaluate import (SUITE, eot_filtered_masks, format_table, iou_matrix, kmeans,
-                                               run_benchmark, score_masks)
+from concept_express.uce_core.evaluate import (
+    SUITE,
+    eot_filtered_masks,
+    format_table,
+    iou_matrix,
+    kmeans,
+    run_benchmark,
+    score_masks,
+)
 from concept_express.uce_core.synthetic import SceneSpec, make_scene
 
 
 def square(y, x, size, grid=(12, 12)):
     m = torch.zeros(grid, dtype=torch.bool)
-    m[y:y + size, x:x + size] = True
+    m[y : y + size, x : x + size] = True
     return m
 
 
@@ -57,6 +64,7 @@ def test_a_matched_pair_with_zero_iou_is_not_a_true_positive():
 def test_assignment_is_optimal_not_greedy():
     """On a strip of 100 cells: t0 = [0, 50), t1 = [50, 95), p0 = [0, 90), p1 = [0, 25). IoU(p0, t0) = 50/90 is the
     largest entry, but taking it leaves p1 with t1 (IoU 0); the optimum pairs p0-t1 (40/95) and p1-t0 (25/50)."""
+
     def strip(a, b):
         m = torch.zeros(100, dtype=torch.bool)
         m[a:b] = True

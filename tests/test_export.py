@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from concept_express.uce_core.backends.base import Prompt, Slot
 from concept_express.uce_core.backends.tiny import build_tiny_pipeline
 from concept_express.uce_core.errors import ConceptExpressError
 from concept_express.uce_core.export import MANIFEST, export_tokens, load_exported, sanitize_name
 from concept_express.uce_core.generate import generate_images, parse_template
-from concept_express.uce_core.backends.base import Prompt, Slot
 from concept_express.uce_core.tokens import ConceptTokens
 from concept_express.uce_core.train import TrainSettings, train_concept_tokens
 
@@ -41,11 +41,19 @@ def test_sdxl_files_carry_both_encoders_and_load_into_diffusers(concepts_for, tm
     pipe = build_tiny_pipeline("tiny-sdxl")
     for i, path in enumerate(result.embeddings):
         state = load_file(str(path))
-        assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (1, 32) and state["clip_g"].shape == (1, 64)
+        assert (
+            set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (1, 32) and state["clip_g"].shape == (1, 64)
+        )
         token = f"<{result.names[i]}>"
-        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
-        for e, (encoder, tokenizer) in enumerate([(pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)]):
+        pipe.load_textual_inversion(
+            state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+        for e, (encoder, tokenizer) in enumerate(
+            [(pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)]
+        ):
             row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
             assert torch.equal(row.detach(), tokens.vectors[e][i])
 
@@ -80,8 +88,11 @@ def test_round_trip_through_the_export_folder(concepts_for, tmp_path):
     for extra in ("concepts.png", "loss.png", MANIFEST, "stilllife_1_mask.png", "image.png"):
         assert (tmp_path / extra).stat().st_size > 0
     # ComfyUI lists every file with an embedding extension as an embedding: only the concepts may have one
-    embedding_like = [p.name for p in tmp_path.iterdir()
-                      if p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".pth", ".pt2", ".pkl", ".sft")]
+    embedding_like = [
+        p.name
+        for p in tmp_path.iterdir()
+        if p.suffix in (".safetensors", ".pt", ".bin", ".ckpt", ".pth", ".pt2", ".pkl", ".sft")
+    ]
     assert sorted(embedding_like) == [f"{n}.safetensors" for n in result.names]
 
 
@@ -89,8 +100,16 @@ def test_existing_files_are_never_replaced_unless_asked(concepts_for, tmp_path):
     _, tokens = _tokens(concepts_for, "tiny-sd1")
     export_tokens(tokens, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    changed = ConceptTokens([v + 1 for v in tokens.vectors], tokens.encoder_keys, tokens.family, tokens.names,
-                            tokens.masks, tokens.image, tokens.history, tokens.info)
+    changed = ConceptTokens(
+        [v + 1 for v in tokens.vectors],
+        tokens.encoder_keys,
+        tokens.family,
+        tokens.names,
+        tokens.masks,
+        tokens.image,
+        tokens.history,
+        tokens.info,
+    )
     with pytest.raises(ConceptExpressError, match="already exist.*nothing was written"):
         export_tokens(changed, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -104,11 +123,23 @@ def test_replacing_a_set_with_a_smaller_one_leaves_no_stale_concepts(concepts_fo
     export_tokens(three, tmp_path, prefix="scene")
     keep = tmp_path / "notes.safetensors"  # a user's own file, not listed by the manifest: never touched
     keep.write_bytes(b"mine")
-    two = ConceptTokens([v[:2] for v in three.vectors], three.encoder_keys, three.family, three.names[:2],
-                        three.masks[:2], three.image, three.history, three.info)
+    two = ConceptTokens(
+        [v[:2] for v in three.vectors],
+        three.encoder_keys,
+        three.family,
+        three.names[:2],
+        three.masks[:2],
+        three.image,
+        three.history,
+        three.info,
+    )
     export_tokens(two, tmp_path, prefix="scene", overwrite=True)
     assert sorted(p.name for p in tmp_path.glob("scene_*")) == [
-        "scene_1.safetensors", "scene_1_mask.png", "scene_2.safetensors", "scene_2_mask.png"]
+        "scene_1.safetensors",
+        "scene_1_mask.png",
+        "scene_2.safetensors",
+        "scene_2_mask.png",
+    ]
     assert keep.read_bytes() == b"mine"
     assert load_exported(tmp_path).names == ["scene_1", "scene_2"]
 
@@ -177,8 +208,9 @@ def test_an_edited_set_is_one_clear_error(concepts_for, tmp_path):
 
 def test_names_cannot_escape_the_folder(concepts_for, tmp_path):
     _, tokens = _tokens(concepts_for, "tiny-sd1")
-    evil = ConceptTokens(tokens.vectors, tokens.encoder_keys, tokens.family, ["../../escape", "/etc/passwd"],
-                         tokens.masks, tokens.image)
+    evil = ConceptTokens(
+        tokens.vectors, tokens.encoder_keys, tokens.family, ["../../escape", "/etc/passwd"], tokens.masks, tokens.image
+    )
     result = export_tokens(evil, tmp_path / "out")
     for path in result.embeddings:
         assert path.resolve().parent == (tmp_path / "out").resolve()
@@ -191,7 +223,9 @@ def test_names_cannot_escape_the_folder(concepts_for, tmp_path):
 
 def test_parse_template():
     assert parse_template("a photo of {1} on the beach", 2) == Prompt(("a photo of ", Slot(0), " on the beach"))
-    assert parse_template("{all} in the snow", 3) == Prompt((Slot(0), " and ", Slot(1), " and ", Slot(2), " in the snow"))
+    assert parse_template("{all} in the snow", 3) == Prompt(
+        (Slot(0), " and ", Slot(1), " and ", Slot(2), " in the snow")
+    )
     with pytest.raises(ConceptExpressError, match="only 2 concepts"):
         parse_template("{3}", 2)
     with pytest.raises(ConceptExpressError, match="no concept"):

@@ -1,13 +1,19 @@
 """FINCH hierarchy, its graph, the constrained (post-clustering) variant and the fixed-count mode, against the float64
 oracle in localize_oracle.py (dense distances, (K+I)(K+I)^T, scipy components, pixel union-find)."""
 
+import localize_oracle as oracle
 import numpy as np
 import pytest
 import torch
 
-import localize_oracle as oracle
-from concept_express.uce_core.finch import (Graph, KernelOptions, constrained_finch, finch, finch_with_count,
-                                            shared_neighbour_pairs)
+from concept_express.uce_core.finch import (
+    Graph,
+    KernelOptions,
+    constrained_finch,
+    finch,
+    finch_with_count,
+    shared_neighbour_pairs,
+)
 
 
 def segment_image(rng, grid, count):
@@ -69,8 +75,9 @@ def test_cluster_rows_are_means_of_the_original_rows_not_means_of_means():
     for index, level in enumerate(hierarchy.levels):
         expected = oracle.means(rows.astype(np.float64), level.labels.numpy())
         # atol: entries below the kernels' floor 2^-24 are raised to it before anything else
-        np.testing.assert_allclose(hierarchy.centroids(index, torch.from_numpy(rows)).numpy(), expected, rtol=1e-5,
-                                   atol=2.0 ** -24)
+        np.testing.assert_allclose(
+            hierarchy.centroids(index, torch.from_numpy(rows)).numpy(), expected, rtol=1e-5, atol=2.0**-24
+        )
 
 
 def test_graph_edges_are_the_reference_adjacency_with_counts_and_distances():
@@ -119,10 +126,15 @@ def constrained_case(seed, delta_quantile=None, gaps=10):
     image, masks = tiles((16, 16), 2, missing=set(rng.choice(64, size=gaps, replace=False).tolist()))
     k = len(masks)
     cy, cx = np.array([np.argwhere(m).mean(0) for m in masks]).T / 16
-    region = segment_image(rng, (8, 8), 4).ravel()[[int(np.argwhere(m)[0][0] // 2 * 8 + np.argwhere(m)[0][1] // 2)
-                                                    for m in masks]]
-    logits = (2.0 * rng.normal(size=(4, 32))[region] + np.outer(cy, rng.normal(size=32))
-              + np.outer(cx, rng.normal(size=32)) + 0.5 * rng.normal(size=(k, 32)))
+    region = segment_image(rng, (8, 8), 4).ravel()[
+        [int(np.argwhere(m)[0][0] // 2 * 8 + np.argwhere(m)[0][1] // 2) for m in masks]
+    ]
+    logits = (
+        2.0 * rng.normal(size=(4, 32))[region]
+        + np.outer(cy, rng.normal(size=32))
+        + np.outer(cx, rng.normal(size=32))
+        + 0.5 * rng.normal(size=(k, 32))
+    )
     feats = np.exp(logits - logits.max(1, keepdims=True))
     feats = (feats / feats.sum(1, keepdims=True)).astype(np.float32)
     delta = None

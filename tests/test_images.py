@@ -130,11 +130,14 @@ def test_working_size_keeps_aspect_area_and_multiples(size, resolution):
     w, h = working_size(*size, resolution)
     assert w % 64 == 0 and h % 64 == 0
     # the chosen size has the smallest aspect error among all multiples-of-64 sizes with a similar area
-    best = min(abs(math.log((a * 64) / (b * 64)) - math.log(size[0] / size[1]))
-               for a in range(1, 40) for b in range(1, 40)
-               if 0.5 <= (a * b * 4096) / resolution ** 2 <= 2
-               and abs(a * 64 - size[0] * resolution / math.sqrt(size[0] * size[1])) < 64
-               and abs(b * 64 - size[1] * resolution / math.sqrt(size[0] * size[1])) < 64)
+    best = min(
+        abs(math.log((a * 64) / (b * 64)) - math.log(size[0] / size[1]))
+        for a in range(1, 40)
+        for b in range(1, 40)
+        if 0.5 <= (a * b * 4096) / resolution**2 <= 2
+        and abs(a * 64 - size[0] * resolution / math.sqrt(size[0] * size[1])) < 64
+        and abs(b * 64 - size[1] * resolution / math.sqrt(size[0] * size[1])) < 64
+    )
     assert abs(math.log(w / h) - math.log(size[0] / size[1])) <= best + 1e-9
 
 
@@ -150,8 +153,10 @@ def test_to_tensor_range_and_layout():
     assert t[0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
 
 
-@pytest.mark.parametrize("size,target", [((640, 480), (576, 448)), ((480, 640), (448, 576)), ((300, 300), (128, 128)),
-                                         ((1000, 400), (768, 320))])
+@pytest.mark.parametrize(
+    "size,target",
+    [((640, 480), (576, 448)), ((480, 640), (448, 576)), ((300, 300), (128, 128)), ((1000, 400), (768, 320))],
+)
 def test_crop_box_is_the_region_fit_keeps(size, target):
     from concept_express.uce_core.images import crop_box
 

@@ -1,4 +1,5 @@
 """prepare_distributions: the floor, renormalisation, the repair of zeros / NaN / inf / negatives, idempotence."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +12,14 @@ def test_floor_is_the_smallest_positive_fp16():
 
 
 def test_bad_entries_are_zeroed_clamped_and_rows_renormalised():
-    x = torch.tensor([[0.5, 0.5, 0.0, 0.0],
-                      [float("nan"), 1.0, 1.0, 2.0],
-                      [float("inf"), 1.0, 3.0, float("-inf")],
-                      [-5.0, 2.0, 2.0, 4.0]])
+    x = torch.tensor(
+        [
+            [0.5, 0.5, 0.0, 0.0],
+            [float("nan"), 1.0, 1.0, 2.0],
+            [float("inf"), 1.0, 3.0, float("-inf")],
+            [-5.0, 2.0, 2.0, 4.0],
+        ]
+    )
     got = prepare_distributions(x).double().numpy()
     # The rule in float64: bad -> 0, divide by the sum, clamp at the floor, renormalise.
     clean = np.array([[0.5, 0.5, 0, 0], [0, 1, 1, 2], [0, 1, 3, 0], [0, 2, 2, 4]], dtype=np.float64)

@@ -1,4 +1,5 @@
 """FINCH merge ops against scipy.sparse.csgraph and numpy, on every device available (CPU; CUDA when present)."""
+
 import math
 
 import numpy as np

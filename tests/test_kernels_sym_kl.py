@@ -8,6 +8,7 @@ second best distance, (d2 - d1) / d1, is below TIE_RTOL, and then the neighbour 
 of the best. The fixtures keep nearest distances above 1e-3, so float32 errors (~1e-7 on these terms) sit far below
 TIE_RTOL * d1 and any larger disagreement is a bug.
 """
+
 import subprocess
 import sys
 
@@ -16,12 +17,16 @@ import pytest
 import torch
 
 from concept_express.kernels import (
+    _device,
+    _dispatch,
     prepare_distributions,
     sym_kl_distances,
     sym_kl_first_neighbours,
     sym_kl_pair_distances,
+    sym_kl_pruned,
+    sym_kl_search,
+    sym_kl_torch,
 )
-from concept_express.kernels import _device, _dispatch, sym_kl_pruned, sym_kl_search, sym_kl_torch
 from concept_express.kernels.sym_kl_reference import reference_distance_matrix
 
 TIE_RTOL = 1e-4
@@ -54,9 +59,9 @@ def oracle_distances(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     la, lb = np.log(a), np.log(b)
     out = np.empty((a.shape[0], b.shape[0]))
     for s in range(0, a.shape[0], 16):
-        diff = a[s:s + 16, None, :] - b[None, :, :]
-        log_diff = la[s:s + 16, None, :] - lb[None, :, :]
-        out[s:s + 16] = 0.5 * (diff * log_diff).sum(axis=-1)
+        diff = a[s : s + 16, None, :] - b[None, :, :]
+        log_diff = la[s : s + 16, None, :] - lb[None, :, :]
+        out[s : s + 16] = 0.5 * (diff * log_diff).sum(axis=-1)
     return out
 
 
@@ -72,7 +77,9 @@ def check_first_neighbours(kappa, dist, oracle: np.ndarray, exclude_self: bool, 
     near_tie = (second - best) <= TIE_RTOL * best
     expected = np.argmin(o, axis=1)
     wrong = kappa != expected
-    assert not (wrong & ~near_tie).any(), f"rows {np.flatnonzero(wrong & ~near_tie)[:10]} pick a clearly worse neighbour"
+    assert not (wrong & ~near_tie).any(), (
+        f"rows {np.flatnonzero(wrong & ~near_tie)[:10]} pick a clearly worse neighbour"
+    )
     if not allow_ties:
         assert not wrong.any()
     assert (o[rows, kappa] <= best * (1 + TIE_RTOL)).all()
@@ -111,8 +118,9 @@ def run(rows, others=None, backend="torch", **kw):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     t = torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
     o = torch.from_numpy(others) if isinstance(others, np.ndarray) else others
-    kappa, dist = sym_kl_first_neighbours(t.to(device), None if o is None else o.to(device),
-                                          backend="triton" if backend == "triton" else "torch", **kw)
+    kappa, dist = sym_kl_first_neighbours(
+        t.to(device), None if o is None else o.to(device), backend="triton" if backend == "triton" else "torch", **kw
+    )
     return kappa.cpu(), dist.cpu()
 
 
@@ -270,8 +278,12 @@ def test_triton_tile_config_with_several_k_steps_and_ragged_edges(monkeypatch):
     a, b = torch.from_numpy(rows).to(TRITON_DEVICE), torch.from_numpy(others).to(TRITON_DEVICE)
     ((la, ha),) = sym_kl_torch.shifted_log_terms(a)
     kappa = first_neighbours_triton(a, la, ha, config=config).cpu()
-    check_first_neighbours(kappa, torch.from_numpy(oracle_distances(rows)[np.arange(100), kappa.numpy()]),
-                           oracle_distances(rows), exclude_self=True)
+    check_first_neighbours(
+        kappa,
+        torch.from_numpy(oracle_distances(rows)[np.arange(100), kappa.numpy()]),
+        oracle_distances(rows),
+        exclude_self=True,
+    )
     (la, ha), (lb, hb) = sym_kl_torch.shifted_log_terms(a, b)
     kappa = first_neighbours_triton(a, la, ha, b, lb, hb, config=config).cpu()
     oracle = oracle_distances(rows, others)
@@ -365,8 +377,11 @@ def test_pruned_search_hands_rows_without_structure_to_the_blocked_search():
 
 @pytest.mark.parametrize("fixture", ["grid", "random walk", "well separated"])
 def test_projected_bound_never_exceeds_the_distance(fixture):
-    rows = {"grid": lambda: grid_attention(16, seed=13), "random walk": lambda: random_walk(256, 256, seed=14),
-            "well separated": lambda: well_separated(256, 256, seed=15)}[fixture]()
+    rows = {
+        "grid": lambda: grid_attention(16, seed=13),
+        "random walk": lambda: random_walk(256, 256, seed=14),
+        "well separated": lambda: well_separated(256, 256, seed=15),
+    }[fixture]()
     x = sym_kl_pruned._coordinates(rows, 16)
     bound = 2.0 * ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     oracle = oracle_distances(rows)
@@ -381,6 +396,7 @@ def test_projected_bound_never_exceeds_the_distance(fixture):
 # -------------------------------------------------------------------------------------------- reference mode
 def numpy_reference_kld(mat1: np.ndarray, mat2: np.ndarray) -> np.ndarray:
     """The reference's two-GEMM form (ptp_utils.kld_distance), re-implemented in float32 numpy."""
+
     def compute_kld(p, q):
         return np.sum(p * np.log(p), axis=-1, keepdims=True) - p @ np.log(q).T
 
@@ -410,8 +426,9 @@ def test_reference_mode_is_bitwise_the_reference_queries_case():
     others = valid_rows(random_walk(300, 128, seed=15))
     queries = valid_rows(random_walk(50, 128, seed=16))
     expected = numpy_reference_kld(queries, others)
-    assert np.array_equal(reference_distance_matrix(torch.from_numpy(queries), torch.from_numpy(others)).numpy(),
-                          expected)
+    assert np.array_equal(
+        reference_distance_matrix(torch.from_numpy(queries), torch.from_numpy(others)).numpy(), expected
+    )
     kappa, dist = run(queries, others, mode="reference")
     assert np.array_equal(kappa.numpy(), np.argmin(expected, axis=1))
     assert np.array_equal(dist.numpy(), expected[np.arange(50), kappa.numpy()])
@@ -471,8 +488,12 @@ def test_dense_distances_match_the_oracle():
     assert got.shape == (40, 40) and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), oracle_distances(rows), rtol=1e-6, atol=1e-7)
     assert got.diagonal().abs().max().item() < 1e-6  # not filled
-    np.testing.assert_allclose(sym_kl_distances(torch.from_numpy(rows), torch.from_numpy(others)).numpy(),
-                               oracle_distances(rows, others), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        sym_kl_distances(torch.from_numpy(rows), torch.from_numpy(others)).numpy(),
+        oracle_distances(rows, others),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_dense_distances_with_zeros_are_finite():
@@ -488,8 +509,10 @@ def test_importing_the_package_does_not_import_triton():
     code = "import sys, concept_express.kernels as k; assert 'triton' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    code = ("import sys, torch, concept_express.kernels as k; k.sym_kl_first_neighbours(torch.rand(8, 4)); "
-            "assert 'triton' not in sys.modules")
+    code = (
+        "import sys, torch, concept_express.kernels as k; k.sym_kl_first_neighbours(torch.rand(8, 4)); "
+        "assert 'triton' not in sys.modules"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -511,7 +534,12 @@ def test_auto_dispatch(monkeypatch):
 
 def test_bad_arguments_are_refused():
     x = torch.rand(10, 8)
-    for kw in ({"backend": "cuda"}, {"precision": "fp16"}, {"mode": "exact"}, {"mode": "reference", "backend": "triton"}):
+    for kw in (
+        {"backend": "cuda"},
+        {"precision": "fp16"},
+        {"mode": "exact"},
+        {"mode": "reference", "backend": "triton"},
+    ):
         with pytest.raises(ValueError):
             sym_kl_first_neighbours(x, **kw)
     with pytest.raises(ValueError):
@@ -530,8 +558,9 @@ def test_pair_distances_accumulated_in_float32_as_on_mps(monkeypatch):
     rows = random_walk(30, 200, seed=23, step=0.3)
     oracle = oracle_distances(rows)
     i, j = torch.arange(30), torch.arange(29, -1, -1)
-    np.testing.assert_allclose(sym_kl_pair_distances(torch.from_numpy(rows), i, j).numpy(),
-                               oracle[i.numpy(), j.numpy()], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        sym_kl_pair_distances(torch.from_numpy(rows), i, j).numpy(), oracle[i.numpy(), j.numpy()], rtol=1e-5, atol=1e-8
+    )
 
 
 def test_rows_that_require_grad_are_accepted():

@@ -5,12 +5,12 @@ import pickle
 
 import pytest
 import torch
+from ldm_checkpoint import pipeline_to_ldm, save_single_file
 from safetensors.torch import save_file
 
 from concept_express.uce_core.backends.loading import CONFIG_DIR, detect_family, find_tokenizer, load_backend
 from concept_express.uce_core.backends.tiny import build_tiny_pipeline, save_tiny_model
 from concept_express.uce_core.errors import ConceptExpressError
-from ldm_checkpoint import pipeline_to_ldm, save_single_file
 
 FAMILY = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 
@@ -80,8 +80,11 @@ def test_detect_family_rejects_other_files():
     with pytest.raises(ConceptExpressError, match="not a LoRA, VAE"):
         detect_family({"lora_unet_down_blocks_0.alpha": ()})
     shapes = _shapes("tiny-sdxl")
-    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in shapes.items()
-               if not k.startswith("conditioner.embedders.0.")}
+    refiner = {
+        k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
+        for k, v in shapes.items()
+        if not k.startswith("conditioner.embedders.0.")
+    }
     with pytest.raises(ConceptExpressError, match="refiner"):
         detect_family(refiner)
     inpaint = dict(_shapes("tiny-sd1"))
@@ -171,14 +174,21 @@ def test_shipped_configs_describe_the_real_architectures():
     def millions(module):
         return round(sum(p.numel() for p in module.parameters()) / 1e6, 2)
 
-    expected = {"sd1": (859.52, 123.06), "sd2-base": (865.91, 340.39), "sd2-v": (865.91, 340.39), "sdxl": (2567.46, 123.06)}
+    expected = {
+        "sd1": (859.52, 123.06),
+        "sd2-base": (865.91, 340.39),
+        "sd2-v": (865.91, 340.39),
+        "sdxl": (2567.46, 123.06),
+    }
     with torch.device("meta"):
         for name, (unet_m, text_m) in expected.items():
             cfg = lambda part: json.loads((CONFIG_DIR / name / part / "config.json").read_text())  # noqa: E731
             assert millions(UNet2DConditionModel.from_config(cfg("unet"))) == unet_m
             assert millions(AutoencoderKL.from_config(cfg("vae"))) == 83.65
             assert millions(CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))) == text_m
-        g = CLIPTextModelWithProjection(CLIPTextConfig(**json.loads((CONFIG_DIR / "sdxl/text_encoder_2/config.json").read_text())))
+        g = CLIPTextModelWithProjection(
+            CLIPTextConfig(**json.loads((CONFIG_DIR / "sdxl/text_encoder_2/config.json").read_text()))
+        )
         assert millions(g) == 694.66
     sched = lambda name: json.loads((CONFIG_DIR / name / "scheduler/scheduler_config.json").read_text())  # noqa: E731
     assert sched("sd2-v")["prediction_type"] == "v_prediction" and sched("sd2-base")["prediction_type"] == "epsilon"

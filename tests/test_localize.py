@@ -3,17 +3,17 @@ its crash cases, delta, the EOT filter, options, degenerate inputs and the outpu
 
 import math
 
+import localize_oracle as oracle
 import numpy as np
 import pytest
 import torch
+from test_finch import block_rows, segment_image
 
-import localize_oracle as oracle
 from concept_express.uce_core.attention import AttentionMaps
 from concept_express.uce_core.concepts import Concepts
 from concept_express.uce_core.errors import ConceptExpressError
 from concept_express.uce_core.finch import finch
 from concept_express.uce_core.localize import LocalizeSettings, choose_level, level_delta, localize_concepts
-from test_finch import block_rows, segment_image
 
 OBJECTS = ((2, 2, 6, 7), (9, 3, 14, 6), (4, 10, 8, 14))  # (y0, x0, y1, x1) rectangles on a 16 x 16 grid
 
@@ -28,8 +28,9 @@ def scene(seed, grid=(16, 16), objects=OBJECTS):
     h, w = grid
     full = 0.1 + 0.8 * (segments >= 2) + 0.05 * rng.normal(size=grid)
     eot = full.reshape(h // 4, 4, w // 4, 4).mean((1, 3))
-    image = torch.from_numpy(np.repeat(np.repeat((segments * 40 % 255).astype(np.uint8)[..., None], 3, 2), 8, 0)
-                             .repeat(8, 1))
+    image = torch.from_numpy(
+        np.repeat(np.repeat((segments * 40 % 255).astype(np.uint8)[..., None], 3, 2), 8, 0).repeat(8, 1)
+    )
     maps = AttentionMaps(torch.from_numpy(rows), torch.from_numpy(eot.astype(np.float32)), grid, image, {"test": 1})
     return maps, rows, eot
 
@@ -51,7 +52,7 @@ def test_whole_stage_matches_the_float64_oracle(seed):
     assert concepts.info["kept_pre_clusters"] == info["kept"]
     assert concepts.info["post_levels"] == info["post_counts"]
     np.testing.assert_array_equal(concepts.masks.numpy(), masks)
-    np.testing.assert_allclose(concepts.features.numpy(), feats, rtol=1e-5, atol=2.0 ** -24)
+    np.testing.assert_allclose(concepts.features.numpy(), feats, rtol=1e-5, atol=2.0**-24)
     e = oracle.eot_on_grid(eot, maps.grid).ravel()
     expected_scores = [e[m.ravel()].mean() / e.mean() for m in masks]
     np.testing.assert_allclose(concepts.scores.numpy(), expected_scores, rtol=1e-5)
@@ -64,9 +65,17 @@ def test_the_reference_kernel_mode_gives_the_same_concepts():
     assert a.info["delta"] == pytest.approx(b.info["delta"], rel=1e-5)
 
 
-@pytest.mark.parametrize("counts,n_max", [
-    ([50, 11, 3], 10), ([50, 10, 9, 2], 10), ([12, 4], 10), ([30, 20, 12, 4], 12), ([5, 2], 3), ([9, 4], 9),
-])
+@pytest.mark.parametrize(
+    "counts,n_max",
+    [
+        ([50, 11, 3], 10),
+        ([50, 10, 9, 2], 10),
+        ([12, 4], 10),
+        ([30, 20, 12, 4], 12),
+        ([5, 2], 3),
+        ([9, 4], 9),
+    ],
+)
 def test_level_rule_is_the_references_where_it_does_not_crash(counts, n_max):
     assert choose_level(counts, n_max).index == oracle.reference_level(counts, n_max)
     assert choose_level(counts, n_max).rule == "reference"
@@ -221,8 +230,9 @@ def test_n_max_above_the_number_of_cells(grid, n_max):
     n = grid[0] * grid[1]
     rows = torch.from_numpy(rng.dirichlet(np.ones(n), size=n).astype(np.float32))
     eot = torch.from_numpy(rng.uniform(size=grid).astype(np.float32))
-    concepts = localize_concepts(AttentionMaps(rows, eot, grid, torch.zeros(4, 4, 3, dtype=torch.uint8)),
-                                 LocalizeSettings(n_max=n_max))
+    concepts = localize_concepts(
+        AttentionMaps(rows, eot, grid, torch.zeros(4, 4, 3, dtype=torch.uint8)), LocalizeSettings(n_max=n_max)
+    )
     assert concepts.info["chosen_level"] == 0 and concepts.info["level_rule"].startswith("finest")
     check_outputs(concepts, grid)
 
@@ -241,8 +251,9 @@ def test_paper_features_are_eq6_over_each_concepts_cells():
     concepts = localize_concepts(maps, LocalizeSettings(features="paper"))
     check_outputs(concepts, maps.grid)
     for mask, f in zip(concepts.masks, concepts.features):
-        np.testing.assert_allclose(f.numpy(), rows[mask.reshape(-1).numpy()].astype(np.float64).mean(0), rtol=1e-5,
-                                   atol=2.0 ** -24)
+        np.testing.assert_allclose(
+            f.numpy(), rows[mask.reshape(-1).numpy()].astype(np.float64).mean(0), rtol=1e-5, atol=2.0**-24
+        )
     reference = localize_concepts(maps)
     assert len(reference) > 1 and not torch.allclose(reference.features[0], concepts.features[0])
 
@@ -281,8 +292,18 @@ def test_min_area_removing_everything_is_a_clear_error():
         localize_concepts(maps, LocalizeSettings(min_area=0.99))
 
 
-@pytest.mark.parametrize("bad", [dict(n_max=0), dict(delta="x"), dict(features="mean"), dict(min_area=1.5),
-                                 dict(small="keep"), dict(backend="cuda"), dict(mode="slow")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(n_max=0),
+        dict(delta="x"),
+        dict(features="mean"),
+        dict(min_area=1.5),
+        dict(small="keep"),
+        dict(backend="cuda"),
+        dict(mode="slow"),
+    ],
+)
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(ConceptExpressError):
         LocalizeSettings(**bad)

@@ -1,10 +1,10 @@
 """Region arithmetic on label images: touching (against a pixel union-find), eq. 5 scores, eq. 6 means, masks."""
 
+import localize_oracle as oracle
 import numpy as np
 import pytest
 import torch
 
-import localize_oracle as oracle
 from concept_express.uce_core.regions import areas, eot_scores, masks_of, region_means, relabel, touching
 
 

@@ -26,8 +26,9 @@ def test_masked_denoising_loss_is_the_reference_mean_over_all_elements():
     got = masked_denoising_loss(pred, target, mask)
     for b in range(2):
         p, t, m = pred[b].double().numpy(), target[b].double().numpy(), mask[b].double().numpy()
-        expected = sum((p[c, y, x] * m[y, x] - t[c, y, x] * m[y, x]) ** 2
-                       for c in range(4) for y in range(5) for x in range(6)) / (4 * 5 * 6)
+        expected = sum(
+            (p[c, y, x] * m[y, x] - t[c, y, x] * m[y, x]) ** 2 for c in range(4) for y in range(5) for x in range(6)
+        ) / (4 * 5 * 6)
         assert got[b].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -131,7 +132,9 @@ def test_exact_emd_matches_pot_emd2_and_finite_differences():
         for k in (0, 5, 11):
             e = torch.zeros(16, dtype=torch.float64)
             e[k] = 1e-6
-            fd = (emd(attention[i].double() + e, target[i].double()) - emd(attention[i].double() - e, target[i].double())) / 2e-6
+            fd = (
+                emd(attention[i].double() + e, target[i].double()) - emd(attention[i].double() - e, target[i].double())
+            ) / 2e-6
             assert x.grad[i, k].item() == pytest.approx(fd, rel=1e-3, abs=1e-6)
 
 
@@ -170,11 +173,17 @@ def test_nearest_downsample_keeps_every_fourth_pixel_like_the_reference():
 def test_v_prediction_target_matches_diffusers():
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction"
+    )
     schedule = NoiseSchedule(scheduler.alphas_cumprod, "v_prediction")
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
-    torch.testing.assert_close(schedule.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(schedule.target(x0, noise, t), scheduler.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        schedule.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        schedule.target(x0, noise, t), scheduler.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-6
+    )
     assert torch.equal(NoiseSchedule(scheduler.alphas_cumprod, "epsilon").target(x0, noise, t), noise)

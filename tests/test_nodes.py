@@ -4,15 +4,27 @@ no ComfyUI type run on the diffusers backend."""
 import inspect
 
 import pytest
-import torch
 
 import concept_express
 from concept_express.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from concept_express.nodes.compose import ComposeConceptPrompt, compose_text
 from concept_express.uce_core.errors import ConceptExpressError
 
-COMFY_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING",
-               "UCE_ATTENTION", "UCE_CONCEPTS", "UCE_TOKENS"}
+COMFY_TYPES = {
+    "MODEL",
+    "CLIP",
+    "VAE",
+    "IMAGE",
+    "MASK",
+    "STRING",
+    "INT",
+    "FLOAT",
+    "BOOLEAN",
+    "CONDITIONING",
+    "UCE_ATTENTION",
+    "UCE_CONCEPTS",
+    "UCE_TOKENS",
+}
 EXPECTED = {"CaptureAttention", "LocalizeConcepts", "TrainConceptTokens", "ComposeConceptPrompt", "LoadConceptTokens"}
 
 
@@ -50,8 +62,10 @@ def test_declarations_are_valid(name):
 
 def test_compose_text_writes_comfyui_embedding_syntax():
     names = ["cat/cat_1", "cat/cat_2"]
-    assert compose_text("a photo of {1} and {2} in the snow", names) == \
-        "a photo of embedding:cat/cat_1 and embedding:cat/cat_2 in the snow"
+    assert (
+        compose_text("a photo of {1} and {2} in the snow", names)
+        == "a photo of embedding:cat/cat_1 and embedding:cat/cat_2 in the snow"
+    )
     assert compose_text("{all}, oil painting", names) == "embedding:cat/cat_1 and embedding:cat/cat_2, oil painting"
     # ComfyUI only recognises "embedding:" at the start or after whitespace or a bracket: spaces are added
     assert compose_text("photo,{1}", names) == "photo, embedding:cat/cat_1"
@@ -83,8 +97,12 @@ def test_a_damaged_or_older_saved_manifest_never_counts_as_the_same_run(tmp_path
     assert _saved_fingerprint(tmp_path) is None  # no set saved yet
     manifest.write_text('{"format": "concept-express/manifest/2", "info": {"fingerprint": "abc"}}')
     assert _saved_fingerprint(tmp_path) == "abc"
-    for damaged in ('{"format": "concept-express/manifest/2", "info": {"fingerp', "[1, 2]",
-                    '{"format": "concept-express/manifest/2", "info": 3}', '{"info": {"fingerprint": "abc"}}',
-                    '{"format": "concept-express/manifest/1", "info": {"fingerprint": "abc"}}'):  # older: not reusable
+    for damaged in (
+        '{"format": "concept-express/manifest/2", "info": {"fingerp',
+        "[1, 2]",
+        '{"format": "concept-express/manifest/2", "info": 3}',
+        '{"info": {"fingerprint": "abc"}}',
+        '{"format": "concept-express/manifest/1", "info": {"fingerprint": "abc"}}',
+    ):  # older: not reusable
         manifest.write_text(damaged)
         assert _saved_fingerprint(tmp_path) is None

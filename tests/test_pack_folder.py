@@ -42,7 +42,12 @@ def test_pytest_collects_the_suite_in_a_dashed_folder(tmp_path):
     name; that must not fail."""
     checkout = tmp_path / FOLDER
     _copy_tracked_tree(checkout)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_nodes.py",
-                             "-k", "compose_text"], cwd=checkout, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_nodes.py", "-k", "compose_text"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "1 passed" in result.stdout

@@ -17,9 +17,11 @@ def _run(*args, **kwargs):
 
 
 def test_imports_without_comfyui_and_exposes_node_mappings():
-    code = ("import sys, concept_express, concept_express.uce_core, concept_express.kernels, concept_express.nodes; "
-            "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules; "
-            "assert isinstance(concept_express.NODE_CLASS_MAPPINGS, dict); print('ok')")
+    code = (
+        "import sys, concept_express, concept_express.uce_core, concept_express.kernels, concept_express.nodes; "
+        "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules; "
+        "assert isinstance(concept_express.NODE_CLASS_MAPPINGS, dict); print('ok')"
+    )
     result = _run("-c", code, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
@@ -43,18 +45,27 @@ def test_wheel_installs_one_package_with_its_data(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if ".dist-info/" not in n}
     assert top == {"concept_express"}, top
-    for needed in ("concept_express/__init__.py", "concept_express/uce_core/cli.py",
-                   "concept_express/uce_core/backends/configs/sdxl/unet/config.json",
-                   "concept_express/assets/example.png", "concept_express/kernels/__init__.py"):
+    for needed in (
+        "concept_express/__init__.py",
+        "concept_express/uce_core/cli.py",
+        "concept_express/uce_core/backends/configs/sdxl/unet/config.json",
+        "concept_express/assets/example.png",
+        "concept_express/kernels/__init__.py",
+    ):
         assert needed in names, needed
     assert not [n for n in names if n.startswith("concept_express/tests/")]
     entry_points = [n for n in names if n.endswith("entry_points.txt")]
-    assert "concept-express = concept_express.uce_core.cli:main" in zipfile.ZipFile(wheel).read(entry_points[0]).decode()
+    assert (
+        "concept-express = concept_express.uce_core.cli:main" in zipfile.ZipFile(wheel).read(entry_points[0]).decode()
+    )
 
 
 def test_requirements_txt_leaves_torch_alone():
-    lines = [l.split(";")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    lines = [
+        l.split(";")[0].strip()
+        for l in (ROOT / "requirements.txt").read_text().splitlines()
+        if l.strip() and not l.startswith("#")
+    ]
     names = {l.split(">")[0].split("=")[0].split("<")[0].strip().lower() for l in lines}
     assert not names & {"torch", "torchvision", "torchaudio"}
     assert {"diffusers", "transformers", "pot", "numpy", "safetensors", "pillow"} <= names
@@ -101,7 +112,9 @@ def test_cli_capture_demo_writes_readable_previews(tmp_path):
 def test_cli_errors_are_one_clear_line(tmp_path):
     bad = tmp_path / "photo.jpg"
     bad.write_text("not a picture")
-    result = _run("-m", "concept_express.uce_core.cli", "capture", str(bad), "--model", "tiny-sd1", "--out", str(tmp_path / "o"))
+    result = _run(
+        "-m", "concept_express.uce_core.cli", "capture", str(bad), "--model", "tiny-sd1", "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "not an image" in result.stderr
     assert "Traceback" not in result.stderr

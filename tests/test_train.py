@@ -136,9 +136,14 @@ def test_resume_continues_the_same_trajectory(concepts_for, tmp_path):
     path = tmp_path / "run.ckpt.safetensors"
     seen = []
     with pytest.raises(TrainingCancelled):
-        train_concept_tokens(backend, concepts, settings, checkpoint=path,
-                             progress=lambda step, total, losses: seen.append(step),
-                             should_stop=lambda: len(seen) >= 5)
+        train_concept_tokens(
+            backend,
+            concepts,
+            settings,
+            checkpoint=path,
+            progress=lambda step, total, losses: seen.append(step),
+            should_stop=lambda: len(seen) >= 5,
+        )
     assert seen == [1, 2, 3, 4, 5] and path.is_file()
     resumed = train_concept_tokens(backend, concepts, settings, checkpoint=path)
     assert torch.equal(resumed.vectors[0], straight.vectors[0])
@@ -178,15 +183,23 @@ def test_checkpoint_of_another_run_is_not_resumed(concepts_for, tmp_path):
     path = tmp_path / "run.ckpt.safetensors"
     done = []
     with pytest.raises(TrainingCancelled):
-        train_concept_tokens(backend, concepts, TrainSettings(**FAST), checkpoint=path,
-                             progress=lambda *a: done.append(1), should_stop=lambda: len(done) >= 2)
+        train_concept_tokens(
+            backend,
+            concepts,
+            TrainSettings(**FAST),
+            checkpoint=path,
+            progress=lambda *a: done.append(1),
+            should_stop=lambda: len(done) >= 2,
+        )
     assert path.is_file()
     other = train_concept_tokens(backend, concepts, TrainSettings(**{**FAST, "seed": 5}), checkpoint=path)
     fresh = train_concept_tokens(backend, concepts, TrainSettings(**{**FAST, "seed": 5}))
     assert torch.equal(other.vectors[0], fresh.vectors[0])
 
 
-def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(concepts_for, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    concepts_for, tmp_path, monkeypatch
+):
     from concept_express.uce_core.fileio import load_tensors
 
     backend, concepts = concepts_for("tiny-sd1", 2)
@@ -209,8 +222,9 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
 def test_cancel_before_the_first_step_writes_nothing(concepts_for, tmp_path):
     backend, concepts = concepts_for("tiny-sd1", 1)
     with pytest.raises(TrainingCancelled, match="before step 1"):
-        train_concept_tokens(backend, concepts, TrainSettings(**FAST), should_stop=lambda: True,
-                             checkpoint=tmp_path / "ckpt.safetensors")
+        train_concept_tokens(
+            backend, concepts, TrainSettings(**FAST), should_stop=lambda: True, checkpoint=tmp_path / "ckpt.safetensors"
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -234,13 +248,16 @@ def test_an_exception_from_the_progress_callback_leaves_a_resumable_checkpoint(c
     assert torch.equal(resumed.vectors[0], straight.vectors[0])
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(steps=0), "steps must be at least 1"),
-    (dict(template="a photo"), "exactly one {}"),
-    (dict(update="sideways"), "update must be"),
-    (dict(emd="fast"), "emd must be"),
-    (dict(learning_rate=-1.0), "learning_rate"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(steps=0), "steps must be at least 1"),
+        (dict(template="a photo"), "exactly one {}"),
+        (dict(update="sideways"), "update must be"),
+        (dict(emd="fast"), "emd must be"),
+        (dict(learning_rate=-1.0), "learning_rate"),
+    ],
+)
 def test_invalid_settings_get_one_clear_error(concepts_for, bad, message):
     backend, concepts = concepts_for("tiny-sd1", 1)
     with pytest.raises(ConceptExpressError, match=message):
@@ -254,7 +271,7 @@ def test_reference_initialisation_copies_fixed_vocabulary_rows(concepts_for):
     table = backend.token_embeddings(0)
     g = torch.Generator().manual_seed(0)
     rows = initial_vectors(table, 10, "reference", g)
-    assert torch.equal(rows, table[len(table) - 100: len(table) - 90])
+    assert torch.equal(rows, table[len(table) - 100 : len(table) - 90])
     drawn = initial_vectors(table, 4000, "random", torch.Generator().manual_seed(0))
     torch.testing.assert_close(drawn.mean(0), table.mean(0), atol=4 * table.std(0).max().item() / 60, rtol=0)
     assert not any((drawn[:, None] == table[None]).all(-1).any(1))  # no vocabulary word is copied
@@ -262,7 +279,17 @@ def test_reference_initialisation_copies_fixed_vocabulary_rows(concepts_for):
 
 def test_settings_are_frozen_and_defaults_are_the_official_run():
     s = TrainSettings()
-    assert (s.steps, s.merge_step, s.split_tokens, s.learning_rate, s.contrastive_weight, s.attention_weight,
-            s.temperature, s.seed, s.weight_decay, s.max_grad_norm) == (500, 100, 5, 5e-4, 1e-3, 1e-5, 0.07, 20, 1e-2, 1.0)
+    assert (
+        s.steps,
+        s.merge_step,
+        s.split_tokens,
+        s.learning_rate,
+        s.contrastive_weight,
+        s.attention_weight,
+        s.temperature,
+        s.seed,
+        s.weight_decay,
+        s.max_grad_norm,
+    ) == (500, 100, 5, 5e-4, 1e-3, 1e-5, 0.07, 20, 1e-2, 1.0)
     with pytest.raises(dataclasses.FrozenInstanceError):  # a run cannot change the settings it was given
         s.steps = 1

@@ -5,9 +5,9 @@ shipped for any number of concepts."""
 import re
 import struct
 
+import comfy_workflows as cw
 import pytest
 
-import comfy_workflows as cw
 from concept_express.nodes import NODE_CLASS_MAPPINGS
 from concept_express.nodes.compose import compose_text
 
@@ -33,9 +33,9 @@ def test_thumbnail_is_a_small_jpeg(name):
     # frame header: a real picture, landscape like the Templates dialog's cards
     i = 2
     while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2):
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             break
         i += 2 + length
     assert 300 <= width <= 2000 and 200 <= height <= width
@@ -101,8 +101,9 @@ def test_seed_widgets_have_the_control_widget_exactly_where_the_frontend_adds_on
             assert len(values) == 7 and isinstance(values[0], int) and values[1] in cw.CONTROL_VALUES, (name, values)
             assert isinstance(values[2], int) and values[4] not in cw.CONTROL_VALUES, (name, values)
         elif node["type"] == "TrainConceptTokens":
-            widgets = [input_name for input_name, spec in cw.declared_inputs(DECLARATIONS[node["type"]])
-                       if cw.is_widget(spec)]
+            widgets = [
+                input_name for input_name, spec in cw.declared_inputs(DECLARATIONS[node["type"]]) if cw.is_widget(spec)
+            ]
             assert len(values) == len(widgets), (name, values)
             after_seed = values[widgets.index("seed") + 1]
             assert after_seed not in cw.CONTROL_VALUES and after_seed == values[widgets.index("overwrite")], values
@@ -190,8 +191,11 @@ def test_api_conversion_names_every_widget_value():
 
 
 def _templates(wf, enabled):
-    return [n["widgets_values"][0] for n in wf["nodes"]
-            if n["type"] == "ComposeConceptPrompt" and (n["mode"] == cw.MODE_ALWAYS) == enabled]
+    return [
+        n["widgets_values"][0]
+        for n in wf["nodes"]
+        if n["type"] == "ComposeConceptPrompt" and (n["mode"] == cw.MODE_ALWAYS) == enabled
+    ]
 
 
 @pytest.mark.parametrize("concepts", [1, 2, 5])
@@ -215,20 +219,29 @@ def test_extract_previews_every_intermediate_result():
     wf = cw.load("extract")
     nodes = {n["id"]: n for n in wf["nodes"]}
     shown = set()
-    for _, source, slot, target, _, kind in wf["links"]:
+    for _, source, slot, target, _, _kind in wf["links"]:
         if nodes[target]["type"] in ("PreviewImage", "SaveImage", "MaskToImage"):
             shown.add((nodes[source]["type"], slot))
-    assert {("CaptureAttention", 1), ("LocalizeConcepts", 1), ("LocalizeConcepts", 2), ("TrainConceptTokens", 2)} <= shown
+    assert {
+        ("CaptureAttention", 1),
+        ("LocalizeConcepts", 1),
+        ("LocalizeConcepts", 2),
+        ("TrainConceptTokens", 2),
+    } <= shown
     save_prefixes = sorted(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveImage")
-    assert save_prefixes == ["ConceptExpress/composition", "ConceptExpress/concept_1", "ConceptExpress/concept_2",
-                             "ConceptExpress/concept_3"]
+    assert save_prefixes == [
+        "ConceptExpress/composition",
+        "ConceptExpress/concept_1",
+        "ConceptExpress/concept_2",
+        "ConceptExpress/concept_3",
+    ]
 
 
 def test_reuse_loads_the_set_the_extract_workflow_writes():
     extract, reuse = cw.load("extract"), cw.load("reuse")
     (train,) = [n for n in extract["nodes"] if n["type"] == "TrainConceptTokens"]
     slots = cw.widget_slots(DECLARATIONS["TrainConceptTokens"])
-    prefix = dict((s.input, v) for s, v in zip(slots, train["widgets_values"]) if s.kind == "value")["name_prefix"]
+    prefix = {s.input: v for s, v in zip(slots, train["widgets_values"]) if s.kind == "value"}["name_prefix"]
     (loader,) = [n for n in reuse["nodes"] if n["type"] == "LoadConceptTokens"]
     assert loader["widgets_values"] == [prefix]
     assert not [n for n in reuse["nodes"] if n["type"] in ("TrainConceptTokens", "CaptureAttention")]

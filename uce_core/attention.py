@@ -23,7 +23,6 @@ duplicating them.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from .errors import ConceptExpressError
 
 # Bytes of float32 scores materialised at once (heads x query chunk x keys); bounds the temporary memory of a layer.
-CHUNK_BYTES = 32 * 2 ** 20
+CHUNK_BYTES = 32 * 2**20
 
 
 def grid_of(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -55,8 +54,9 @@ def closest_grid(grids, latent_hw: tuple[int, int], factor: int = 4) -> tuple[in
     return min(grids, key=lambda g: (abs(math.log(g[0] / wanted)), -g[0]))
 
 
-def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                         chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_probs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention that also returns the probabilities averaged over heads.
 
     q: (B, Nq, heads*dq), k: (B, Nk, heads*dq), v: (B, Nk, heads*dv) -> out (B, Nq, heads*dv) in v's dtype and
@@ -74,7 +74,7 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         outs, means = [], []
         for start in range(0, nq, rows):
-            probs = (torch.matmul(qh[:, :, start:start + rows], kt) * scale).softmax(dim=-1)
+            probs = (torch.matmul(qh[:, :, start : start + rows], kt) * scale).softmax(dim=-1)
             outs.append(torch.matmul(probs.to(vh.dtype), vh))
             means.append(probs.mean(dim=1))
         out, mean = torch.cat(outs, dim=2), torch.cat(means, dim=1)
@@ -91,8 +91,9 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return out.transpose(1, 2).reshape(b, nq, -1), mean
 
 
-def aggregate_self_attention(acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int],
-                             target: tuple[int, int]) -> float:
+def aggregate_self_attention(
+    acc: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]
+) -> float:
     """Add one layer's head-mean self-attention (Nq, Nk) on ``grid`` into ``acc`` (n, n) on ``target``, with the
     reference's weight r/R. Returns the weight (the caller divides by the sum of weights). No (n, n) temporary."""
     (rh, rw), (th, tw) = grid, target
@@ -189,7 +190,9 @@ class AttentionMaps:
         self.grid = tuple(int(x) for x in self.grid)
         n = self.grid[0] * self.grid[1]
         if tuple(self.self_attention.shape) != (n, n):
-            raise ValueError(f"self_attention must be ({n}, {n}) for grid {self.grid}, got {tuple(self.self_attention.shape)}")
+            raise ValueError(
+                f"self_attention must be ({n}, {n}) for grid {self.grid}, got {tuple(self.self_attention.shape)}"
+            )
 
     @property
     def n(self) -> int:
@@ -210,16 +213,27 @@ class AttentionMaps:
         return save_tensors(path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AttentionMaps":
+    def load(cls, path: str | os.PathLike) -> AttentionMaps:
         from .fileio import load_tensors
 
         tensors, meta = load_tensors(path, expected_format="concept-express/attention-maps/1")
-        return cls(tensors["self_attention"], tensors["eot"], tuple(meta["grid"]), tensors["image"], meta.get("info", {}))
+        return cls(
+            tensors["self_attention"], tensors["eot"], tuple(meta["grid"]), tensors["image"], meta.get("info", {})
+        )
 
 
-def capture_attention(backend, image, *, timestep: int = 0, prompt: str = "", resize: str = "keep",
-                      resolution: int | None = None, grid: tuple[int, int] | None = None, noise_seed: int = 0,
-                      eot_factor: int = 4) -> AttentionMaps:
+def capture_attention(
+    backend,
+    image,
+    *,
+    timestep: int = 0,
+    prompt: str = "",
+    resize: str = "keep",
+    resolution: int | None = None,
+    grid: tuple[int, int] | None = None,
+    noise_seed: int = 0,
+    eot_factor: int = 4,
+) -> AttentionMaps:
     """Run the capture on ``image`` (anything ``images.load_image`` takes) and return the aggregated maps.
 
     ``timestep`` 0 and ``prompt`` "" are the reference's choices. At t > 0 the latent is noised with a generator
@@ -247,12 +261,21 @@ def capture_attention(backend, image, *, timestep: int = 0, prompt: str = "", re
         self_attention = recorder.self_attention().cpu()
         eot, eot_grid = recorder.eot_map(latent_hw, eot_factor)
     meta = {
-        "model": info.name, "family": info.family, "prediction_type": info.prediction_type,
-        "timestep": timestep, "prompt": prompt, "resize": resize, "latent_grid": list(latent_hw),
-        "self_layers": [list(g) for g in recorder.self_layers], "eot_grid": list(eot_grid),
-        "eot_layers": recorder.eot_counts[eot_grid], "eot_position": cond.eot_positions[0],
-        "image_size": [picture.width, picture.height], "source_size": [source.width, source.height],
-        "source_crop": list(crop_box(source.width, source.height, picture.size)) if resize == "keep"
+        "model": info.name,
+        "family": info.family,
+        "prediction_type": info.prediction_type,
+        "timestep": timestep,
+        "prompt": prompt,
+        "resize": resize,
+        "latent_grid": list(latent_hw),
+        "self_layers": [list(g) for g in recorder.self_layers],
+        "eot_grid": list(eot_grid),
+        "eot_layers": recorder.eot_counts[eot_grid],
+        "eot_position": cond.eot_positions[0],
+        "image_size": [picture.width, picture.height],
+        "source_size": [source.width, source.height],
+        "source_crop": list(crop_box(source.width, source.height, picture.size))
+        if resize == "keep"
         else [0.0, 0.0, float(source.width), float(source.height)],
     }
     image_tensor = torch.from_numpy(np.asarray(picture, dtype=np.uint8).copy())

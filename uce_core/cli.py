@@ -36,8 +36,11 @@ def _int_at_least(low: int, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low}..{high}" if high is not None
-                                             else f"{value} is too small: give at least {low}")
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: give {low}..{high}"
+                if high is not None
+                else f"{value} is too small: give at least {low}"
+            )
         return value
 
     return parse
@@ -46,33 +49,61 @@ def _int_at_least(low: int, high: int | None = None):
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="checkpoint file, diffusers folder, or tiny-sd1 / tiny-sd2 / tiny-sdxl")
-    group.add_argument("--demo", action="store_true",
-                       help=f"use the bundled example image and the random-weight {DEMO_MODEL} model")
+    group.add_argument(
+        "--demo", action="store_true", help=f"use the bundled example image and the random-weight {DEMO_MODEL} model"
+    )
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                       help="model weights dtype (default: float32 on CPU, bfloat16/float16 on GPU)")
-    group.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                       help="override the model's prediction type (SD2.x single files are detected automatically)")
+    group.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="model weights dtype (default: float32 on CPU, bfloat16/float16 on GPU)",
+    )
+    group.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="override the model's prediction type (SD2.x single files are detected automatically)",
+    )
     group.add_argument("--tokenizer", help="folder with the CLIP tokenizer, for single-file checkpoints")
     group.add_argument("--config", help="diffusers folder whose configs describe a single-file checkpoint")
 
 
 def _capture_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attention capture")
-    group.add_argument("--timestep", type=_int_at_least(0, 999), default=0, help="timestep of the capture pass (default 0, the reference's)")
+    group.add_argument(
+        "--timestep",
+        type=_int_at_least(0, 999),
+        default=0,
+        help="timestep of the capture pass (default 0, the reference's)",
+    )
     group.add_argument("--capture-prompt", default="", help='prompt of the capture pass (default "", the reference\'s)')
-    group.add_argument("--resize", choices=["keep", "stretch"], default="keep",
-                       help="keep the aspect ratio (default) or stretch to a square like the reference")
-    group.add_argument("--resolution", type=_int_at_least(64), help="working resolution in pixels (default: the model's native one)")
+    group.add_argument(
+        "--resize",
+        choices=["keep", "stretch"],
+        default="keep",
+        help="keep the aspect ratio (default) or stretch to a square like the reference",
+    )
+    group.add_argument(
+        "--resolution", type=_int_at_least(64), help="working resolution in pixels (default: the model's native one)"
+    )
 
 
 def _localize_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("concept localization")
-    group.add_argument("--n-max", type=int, default=10, help="upper limit N_max used to pick the pre-clustering level (default 10)")
-    group.add_argument("--delta", choices=["reference", "paper"], default="reference",
-                       help="post-clustering threshold: the official code's (default) or the paper's reading")
-    group.add_argument("--min-area", type=float, default=0.0,
-                       help="drop concepts smaller than this fraction of the image (default 0: off, as the reference)")
+    group.add_argument(
+        "--n-max", type=int, default=10, help="upper limit N_max used to pick the pre-clustering level (default 10)"
+    )
+    group.add_argument(
+        "--delta",
+        choices=["reference", "paper"],
+        default="reference",
+        help="post-clustering threshold: the official code's (default) or the paper's reading",
+    )
+    group.add_argument(
+        "--min-area",
+        type=float,
+        default=0.0,
+        help="drop concepts smaller than this fraction of the image (default 0: off, as the reference)",
+    )
 
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
@@ -80,25 +111,64 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
 
     d = TrainSettings()
     group = parser.add_argument_group("token learning")
-    group.add_argument("--steps", type=_int_at_least(1), help=f"training steps (default {d.steps}; {DEMO_STEPS} with --demo)")
-    group.add_argument("--merge-step", type=_int_at_least(0),
-                       help=f"step at which split tokens merge (default {d.merge_step}, or a fifth of --steps when "
-                            f"that is shorter; {DEMO_MERGE_STEP} with --demo)")
-    group.add_argument("--split-tokens", type=int, default=d.split_tokens, help=f"tokens per concept before merging (default {d.split_tokens})")
-    group.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
-    group.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight, help=f"alpha (default {d.contrastive_weight:g})")
-    group.add_argument("--attention-weight", type=float, default=d.attention_weight, help=f"beta, EMD alignment (default {d.attention_weight:g})")
-    group.add_argument("--emd", choices=["sinkhorn", "exact"], default=d.emd, help="EMD solver (default: entropic Sinkhorn as the reference)")
-    group.add_argument("--update", choices=["batched", "reference"], default=d.update,
-                       help="one averaged update per step (default) or the reference's one update per prompt")
-    group.add_argument("--init", choices=["random", "reference"], default=d.init,
-                       help="split-token initialisation: random at the vocabulary's scale (default) or the reference's fixed rows")
-    group.add_argument("--template", default=d.template, help=f'training prompt, {{}} marks the token (default "{d.template}")')
+    group.add_argument(
+        "--steps", type=_int_at_least(1), help=f"training steps (default {d.steps}; {DEMO_STEPS} with --demo)"
+    )
+    group.add_argument(
+        "--merge-step",
+        type=_int_at_least(0),
+        help=f"step at which split tokens merge (default {d.merge_step}, or a fifth of --steps when "
+        f"that is shorter; {DEMO_MERGE_STEP} with --demo)",
+    )
+    group.add_argument(
+        "--split-tokens",
+        type=int,
+        default=d.split_tokens,
+        help=f"tokens per concept before merging (default {d.split_tokens})",
+    )
+    group.add_argument(
+        "--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})"
+    )
+    group.add_argument(
+        "--contrastive-weight",
+        type=float,
+        default=d.contrastive_weight,
+        help=f"alpha (default {d.contrastive_weight:g})",
+    )
+    group.add_argument(
+        "--attention-weight",
+        type=float,
+        default=d.attention_weight,
+        help=f"beta, EMD alignment (default {d.attention_weight:g})",
+    )
+    group.add_argument(
+        "--emd",
+        choices=["sinkhorn", "exact"],
+        default=d.emd,
+        help="EMD solver (default: entropic Sinkhorn as the reference)",
+    )
+    group.add_argument(
+        "--update",
+        choices=["batched", "reference"],
+        default=d.update,
+        help="one averaged update per step (default) or the reference's one update per prompt",
+    )
+    group.add_argument(
+        "--init",
+        choices=["random", "reference"],
+        default=d.init,
+        help="split-token initialisation: random at the vocabulary's scale (default) or the reference's fixed rows",
+    )
+    group.add_argument(
+        "--template", default=d.template, help=f'training prompt, {{}} marks the token (default "{d.template}")'
+    )
     group.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed}, the official run's)")
     group.add_argument("--no-flip", action="store_true", help="no random horizontal flips during training")
     group.add_argument("--micro-batch", type=int, default=0, help="prompts per UNet call (default 0: all of a step)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    group.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between resumable checkpoints")
+    group.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between resumable checkpoints"
+    )
 
 
 def _output_options(parser: argparse.ArgumentParser, folder: str) -> argparse._ArgumentGroup:
@@ -110,39 +180,53 @@ def _output_options(parser: argparse.ArgumentParser, folder: str) -> argparse._A
 
 def _export_options(parser: argparse.ArgumentParser) -> None:
     group = _output_options(parser, "output")
-    group.add_argument("--prefix", default="concept", help="embedding names are PREFIX_1, PREFIX_2, ... (default: concept)")
+    group.add_argument(
+        "--prefix", default="concept", help="embedding names are PREFIX_1, PREFIX_2, ... (default: concept)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="concept-express", description=_DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="concept-express", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    capture = sub.add_parser("capture", help="capture and aggregate the attention of one image, write previews",
-                             description="Stage 1: run the UNet once on the image and save the aggregated "
-                                         "self-attention and the end-of-text attention map, with previews.")
+    capture = sub.add_parser(
+        "capture",
+        help="capture and aggregate the attention of one image, write previews",
+        description="Stage 1: run the UNet once on the image and save the aggregated "
+        "self-attention and the end-of-text attention map, with previews.",
+    )
     capture.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
     _output_options(capture, "output/capture")
     _model_options(capture)
     _capture_options(capture)
     capture.set_defaults(run=run_capture)
 
-    localize = sub.add_parser("localize", help="find the concepts in captured attention (or in an image)",
-                              description="Stage 2: FINCH clustering of the aggregated self-attention, end-of-text "
-                                          "filtering and constrained merging; writes concepts.safetensors and an overlay.")
-    localize.add_argument("source", nargs="?", help="attention.safetensors from 'capture', or an image (captured first)")
+    localize = sub.add_parser(
+        "localize",
+        help="find the concepts in captured attention (or in an image)",
+        description="Stage 2: FINCH clustering of the aggregated self-attention, end-of-text "
+        "filtering and constrained merging; writes concepts.safetensors and an overlay.",
+    )
+    localize.add_argument(
+        "source", nargs="?", help="attention.safetensors from 'capture', or an image (captured first)"
+    )
     _output_options(localize, "output/localize")
     _model_options(localize)
     _capture_options(localize)
     _localize_options(localize)
     localize.set_defaults(run=run_localize)
 
-    extract = sub.add_parser("extract", help="the main job: image -> concepts -> one embedding per concept",
-                             description="Capture attention, localize the concepts, learn one token per concept and "
-                                         "export them as embeddings ComfyUI, A1111 and diffusers load.")
+    extract = sub.add_parser(
+        "extract",
+        help="the main job: image -> concepts -> one embedding per concept",
+        description="Capture attention, localize the concepts, learn one token per concept and "
+        "export them as embeddings ComfyUI, A1111 and diffusers load.",
+    )
     extract.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
     _model_options(extract)
     _capture_options(extract)
@@ -152,9 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     extract.set_defaults(run=run_extract)
 
-    generate = sub.add_parser("generate", help="render images with learned concepts",
-                              description='Render PROMPT with learned concepts: {1}, {2}, ... stand for the concepts and '
-                                          '{all} for all of them joined with "and".')
+    generate = sub.add_parser(
+        "generate",
+        help="render images with learned concepts",
+        description="Render PROMPT with learned concepts: {1}, {2}, ... stand for the concepts and "
+        '{all} for all of them joined with "and".',
+    )
     generate.add_argument("--concepts", required=True, help="a folder written by 'extract'")
     generate.add_argument("--prompt", required=True, help='e.g. "a photo of {1} on the beach"')
     generate.add_argument("--negative", default="", help="negative prompt")
@@ -176,8 +263,9 @@ def _resolve_inputs(args) -> tuple[str, str]:
     if image is None:
         raise ConceptExpressError("give an IMAGE (or --demo for the bundled example)")
     if model is None:
-        raise ConceptExpressError("give --model (a checkpoint, a diffusers folder, or tiny-sd1 for a random-weight test "
-                                  "model), or --demo")
+        raise ConceptExpressError(
+            "give --model (a checkpoint, a diffusers folder, or tiny-sd1 for a random-weight test model), or --demo"
+        )
     return image, model
 
 
@@ -187,8 +275,14 @@ def load_model(args, model: str):
     from .backends.loading import load_backend
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_backend(model, device=args.device, dtype=dtype, prediction_type=args.prediction_type,
-                        tokenizer=args.tokenizer, config=args.config)
+    return load_backend(
+        model,
+        device=args.device,
+        dtype=dtype,
+        prediction_type=args.prediction_type,
+        tokenizer=args.tokenizer,
+        config=args.config,
+    )
 
 
 def _output_folder(out: Path, overwrite: bool, names: tuple[str, ...] = ()) -> Path:
@@ -199,8 +293,9 @@ def _output_folder(out: Path, overwrite: bool, names: tuple[str, ...] = ()) -> P
     if not overwrite:
         existing = [out / name for name in names if (out / name).exists()]
         if existing:
-            raise ConceptExpressError(f"{existing[0]} already exists; nothing was written. Choose another folder, "
-                                      "or add --overwrite.")
+            raise ConceptExpressError(
+                f"{existing[0]} already exists; nothing was written. Choose another folder, or add --overwrite."
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -229,8 +324,10 @@ def run_capture(args) -> int:
     written = [maps.save(out / "attention.safetensors")]
     for name, picture in (("attention_rows.png", attention_rows_preview(maps)), ("eot.png", eot_preview(maps))):
         written.append(_save_png(picture, out / name))
-    _say(f"captured {len(maps.info['self_layers'])} self-attention layers onto a {maps.grid[0]}x{maps.grid[1]} grid "
-         f"and the end-of-text map at {maps.eot.shape[0]}x{maps.eot.shape[1]} in {time.perf_counter() - started:.1f} s")
+    _say(
+        f"captured {len(maps.info['self_layers'])} self-attention layers onto a {maps.grid[0]}x{maps.grid[1]} grid "
+        f"and the end-of-text map at {maps.eot.shape[0]}x{maps.eot.shape[1]} in {time.perf_counter() - started:.1f} s"
+    )
     for path in written:
         _say(f"  wrote {path}")
     return 0
@@ -239,8 +336,14 @@ def run_capture(args) -> int:
 def _capture(args, backend, image):
     from .attention import capture_attention
 
-    return capture_attention(backend, image, timestep=args.timestep, prompt=args.capture_prompt, resize=args.resize,
-                             resolution=args.resolution)
+    return capture_attention(
+        backend,
+        image,
+        timestep=args.timestep,
+        prompt=args.capture_prompt,
+        resize=args.resize,
+        resolution=args.resolution,
+    )
 
 
 def _localize(args, maps):
@@ -305,18 +408,30 @@ def run_extract(args) -> int:
     check_export_target(out, export_names([""] * len(concepts), prefix), args.overwrite)
     steps, merge_step = _schedule(args)
     settings = TrainSettings(
-        steps=steps, merge_step=merge_step, split_tokens=args.split_tokens, learning_rate=args.lr,
-        contrastive_weight=args.contrastive_weight, attention_weight=args.attention_weight, emd=args.emd,
-        update=args.update, init=args.init, template=args.template, seed=args.seed, flip=not args.no_flip,
-        micro_batch=args.micro_batch, gradient_checkpointing=args.gradient_checkpointing,
+        steps=steps,
+        merge_step=merge_step,
+        split_tokens=args.split_tokens,
+        learning_rate=args.lr,
+        contrastive_weight=args.contrastive_weight,
+        attention_weight=args.attention_weight,
+        emd=args.emd,
+        update=args.update,
+        init=args.init,
+        template=args.template,
+        seed=args.seed,
+        flip=not args.no_flip,
+        micro_batch=args.micro_batch,
+        gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
     )
     settings.validate()
     checkpoint = out / CHECKPOINT
     if checkpoint.exists() and not args.resume:
         if not args.overwrite:
-            raise ConceptExpressError(f"{out} holds the checkpoint of an interrupted run: add --resume to continue it, "
-                                      "or --overwrite to start again")
+            raise ConceptExpressError(
+                f"{out} holds the checkpoint of an interrupted run: add --resume to continue it, "
+                "or --overwrite to start again"
+            )
         checkpoint.unlink()
     if args.resume:
         if not checkpoint.exists():
@@ -325,13 +440,20 @@ def run_extract(args) -> int:
             raise ConceptExpressError(
                 f"the checkpoint in {out} belongs to a run with other settings, another image or another model "
                 "family; resume with the interrupted run's options (--dtype may change), or add --overwrite instead "
-                "of --resume to start again")
+                "of --resume to start again"
+            )
     bar = _ProgressBar(settings.steps)
-    tokens = train_concept_tokens(backend, concepts, settings, progress=bar.update, checkpoint=checkpoint,
-                                  resume=args.resume)
+    tokens = train_concept_tokens(
+        backend, concepts, settings, progress=bar.update, checkpoint=checkpoint, resume=args.resume
+    )
     bar.close()
-    result = export_tokens(tokens, out, prefix=prefix, overwrite=args.overwrite,
-                           extra={"image": str(Path(image).resolve()), "model": _as_given_or_absolute(model)})
+    result = export_tokens(
+        tokens,
+        out,
+        prefix=prefix,
+        overwrite=args.overwrite,
+        extra={"image": str(Path(image).resolve()), "model": _as_given_or_absolute(model)},
+    )
     for name, preview in previews.items():
         _save_png(preview(maps), out / name)
     if checkpoint.exists():
@@ -342,9 +464,11 @@ def run_extract(args) -> int:
         _say(f"  {path}")
     _say(f"  {result.manifest} (+ masks, concepts.png, loss.png, attention_rows.png, eot.png)")
     _say("use them:")
-    _say(f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{prefix}/ and write "
-         f"'embedding:{prefix}/{result.names[0]}' in a CLIP Text Encode prompt")
-    _say(f"  here:    concept-express generate --concepts {out} --prompt \"a photo of {{1}} on the beach\"")
+    _say(
+        f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{prefix}/ and write "
+        f"'embedding:{prefix}/{result.names[0]}' in a CLIP Text Encode prompt"
+    )
+    _say(f'  here:    concept-express generate --concepts {out} --prompt "a photo of {{1}} on the beach"')
     return 0
 
 
@@ -361,8 +485,16 @@ def run_generate(args) -> int:
     backend = load_model(args, model)
     concepts = Path(args.concepts)
     out = Path(args.out) if args.out else (concepts if concepts.is_dir() else concepts.parent) / "images"
-    images = generate_images(backend, tokens, args.prompt, seed=args.seed, count=args.count, steps=args.sampling_steps,
-                             guidance=args.guidance, negative=args.negative)
+    images = generate_images(
+        backend,
+        tokens,
+        args.prompt,
+        seed=args.seed,
+        count=args.count,
+        steps=args.sampling_steps,
+        guidance=args.guidance,
+        negative=args.negative,
+    )
     stem = "".join(c if c.isalnum() else "-" for c in args.prompt).strip("-")[:60] or "image"
     for k, picture in enumerate(images):
         _say(f"  wrote {_save_png(picture, out / f'{stem}_{args.seed + k}.png')}")
@@ -424,8 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         saved = getattr(args, "resume", None) is not None and (Path(args.out) / CHECKPOINT).exists()
-        print("concept-express: interrupted" + ("; the progress is saved: run the same command with --resume to "
-                                                "continue" if saved else ""), file=sys.stderr)
+        print(
+            "concept-express: interrupted"
+            + ("; the progress is saved: run the same command with --resume to continue" if saved else ""),
+            file=sys.stderr,
+        )
         return 130
     except OSError as err:  # a disk that fills up or goes away mid-run
         print(f"concept-express: error: {err}", file=sys.stderr)

@@ -31,8 +31,10 @@ class Concepts:
         self.grid = tuple(int(x) for x in self.grid)
         n, (h, w) = self.masks.shape[0], self.grid
         if self.masks.shape != (n, h, w) or self.features.shape != (n, h * w) or self.scores.shape != (n,):
-            raise ValueError(f"inconsistent shapes: masks {tuple(self.masks.shape)}, features "
-                             f"{tuple(self.features.shape)}, scores {tuple(self.scores.shape)}, grid {self.grid}")
+            raise ValueError(
+                f"inconsistent shapes: masks {tuple(self.masks.shape)}, features "
+                f"{tuple(self.features.shape)}, scores {tuple(self.scores.shape)}, grid {self.grid}"
+            )
         self.masks = self.masks.bool()
 
     def __len__(self) -> int:
@@ -58,11 +60,16 @@ class Concepts:
         from .fileio import save_tensors
 
         meta = {"grid": list(self.grid), "info": self.info, "format": FORMAT}
-        tensors = {"masks": self.masks.to(torch.uint8), "features": self.features, "scores": self.scores, "image": self.image}
+        tensors = {
+            "masks": self.masks.to(torch.uint8),
+            "features": self.features,
+            "scores": self.scores,
+            "image": self.image,
+        }
         return save_tensors(path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Concepts":
+    def load(cls, path: str | os.PathLike) -> Concepts:
         from .fileio import load_tensors
 
         t, meta = load_tensors(path, expected_format=FORMAT)

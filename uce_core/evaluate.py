@@ -100,8 +100,9 @@ def eot_filtered_masks(scene: Scene, labels: torch.Tensor, k: int) -> torch.Tens
     return masks_of(relabel(labels, mapping), kept.numel(), scene.maps.grid)
 
 
-def predictions(scene: Scene, counts=(4, 5, 6, 7), settings: LocalizeSettings = LocalizeSettings()
-                ) -> dict[str, torch.Tensor]:
+def predictions(
+    scene: Scene, counts=(4, 5, 6, 7), settings: LocalizeSettings = LocalizeSettings()
+) -> dict[str, torch.Tensor]:
     """Predicted masks of every method on one scene: "ours" (``localize_concepts`` end to end), and "kmeans-c" and
     "finch-c" (c clusters, then the EOT filter; one FINCH hierarchy serves every c). A method that finds nothing
     predicts no mask."""
@@ -143,9 +144,13 @@ class BenchmarkResult:
     per_scene: list[dict] = field(default_factory=list)
 
 
-def run_benchmark(scenarios: dict[str, SceneSpec] = SUITE, seeds: range = range(4), counts=(4, 5, 6, 7),
-                  settings: LocalizeSettings = LocalizeSettings(), grid: tuple[int, int] | None = None
-                  ) -> BenchmarkResult:
+def run_benchmark(
+    scenarios: dict[str, SceneSpec] = SUITE,
+    seeds: range = range(4),
+    counts=(4, 5, 6, 7),
+    settings: LocalizeSettings = LocalizeSettings(),
+    grid: tuple[int, int] | None = None,
+) -> BenchmarkResult:
     """Every method on every (scenario, seed) scene; metrics averaged over scenes (as Table 3 averages over images)."""
     methods = [f"kmeans-{c}" for c in counts] + [f"finch-{c}" for c in counts] + ["ours"]
     per_scene = []
@@ -175,8 +180,12 @@ def format_table(result: BenchmarkResult) -> str:
     head = "| metric | " + " | ".join(result.methods) + " |"
     rule = "|---|" + "---|" * len(result.methods)
     lines = [head, rule]
-    for key, label, scale in (("iou", "IoU", 100), ("recall", "Recall", 100), ("precision", "Precision", 100),
-                              ("concepts", "concepts found", 1)):
+    for key, label, scale in (
+        ("iou", "IoU", 100),
+        ("recall", "Recall", 100),
+        ("precision", "Precision", 100),
+        ("concepts", "concepts found", 1),
+    ):
         values = [result.mean[m][key] * scale for m in result.methods]
         lines.append(f"| {label} | " + " | ".join("-" if math.isnan(v) else f"{v:.1f}" for v in values) + " |")
     return "\n".join(lines)

@@ -63,8 +63,11 @@ def embedding_tensors(tokens: ConceptTokens, index: int) -> dict[str, torch.Tens
 
 def export_names(names: list[str], prefix: str | None = None) -> list[str]:
     """The file names an export uses: ``<prefix>_1..N`` with a prefix, else the sanitised ``names``."""
-    out = ([f"{sanitize_name(prefix, 'prefix', stem=False)}_{i + 1}" for i in range(len(names))] if prefix
-           else [sanitize_name(n) for n in names])
+    out = (
+        [f"{sanitize_name(prefix, 'prefix', stem=False)}_{i + 1}" for i in range(len(names))]
+        if prefix
+        else [sanitize_name(n) for n in names]
+    )
     if len({n.lower() for n in out}) != len(out):
         raise ConceptExpressError(f"concept names must differ from each other: {out}")
     return out
@@ -95,8 +98,14 @@ class ExportResult:
     names: list[str]
 
 
-def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: str | None = None,
-                  overwrite: bool = False, extra: dict | None = None) -> ExportResult:
+def export_tokens(
+    tokens: ConceptTokens,
+    folder: str | os.PathLike,
+    *,
+    prefix: str | None = None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> ExportResult:
     """Write the embedding files, masks, previews and the manifest of ``tokens`` into ``folder``.
 
     ``extra`` (JSON-able) is kept in the manifest under ``source``; ``load_exported`` returns it as ``info["source"]``.
@@ -133,8 +142,10 @@ def export_tokens(tokens: ConceptTokens, folder: str | os.PathLike, *, prefix: s
         "encoders": tokens.encoder_keys,
         "grid": list(tokens.masks.shape[1:]),
         "image": IMAGE,
-        "concepts": [{"name": n, "file": e.name, "mask": m.name, "original_name": o}
-                     for n, e, m, o in zip(names, embeddings, masks, tokens.names)],
+        "concepts": [
+            {"name": n, "file": e.name, "mask": m.name, "original_name": o}
+            for n, e, m, o in zip(names, embeddings, masks, tokens.names)
+        ],
         "history": tokens.history,
         "info": tokens.info,
         "source": dict(extra or {}),  # the caller's provenance notes (the CLI: image path, model argument)
@@ -165,8 +176,11 @@ def _previous_set_files(folder: Path) -> list[Path]:
     for entry in entries if isinstance(entries, list) else []:
         if isinstance(entry, dict):
             names += [entry.get("file"), entry.get("mask")]
-    return [folder / Path(name).name for name in names
-            if isinstance(name, str) and name.endswith((".safetensors", "_mask.png"))]
+    return [
+        folder / Path(name).name
+        for name in names
+        if isinstance(name, str) and name.endswith((".safetensors", "_mask.png"))
+    ]
 
 
 def overlay(tokens: ConceptTokens):
@@ -174,8 +188,9 @@ def overlay(tokens: ConceptTokens):
     from .concepts import Concepts
 
     n, cells = len(tokens), tokens.masks[0].numel()
-    return Concepts(tokens.masks, torch.full((n, cells), 1.0 / cells), torch.ones(n), tuple(tokens.masks.shape[1:]),
-                    tokens.image).overlay()
+    return Concepts(
+        tokens.masks, torch.full((n, cells), 1.0 / cells), torch.ones(n), tuple(tokens.masks.shape[1:]), tokens.image
+    ).overlay()
 
 
 def _mask_picture(mask: torch.Tensor, size: tuple[int, int]):
@@ -198,15 +213,18 @@ def load_exported(folder: str | os.PathLike) -> ConceptTokens:
     except ValueError:
         raise ConceptExpressError(f"{path}: the manifest is not valid JSON.") from None
     if isinstance(manifest, dict) and manifest.get("format") in OLDER_MANIFEST_FORMATS:
-        raise ConceptExpressError(f"{path}: written by an earlier version of concept-express, which this one does not "
-                                  "read; extract the concepts again (with --overwrite, or the node's overwrite).")
+        raise ConceptExpressError(
+            f"{path}: written by an earlier version of concept-express, which this one does not "
+            "read; extract the concepts again (with --overwrite, or the node's overwrite)."
+        )
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ConceptExpressError(f"{path}: not a ConceptExpress manifest.")
     try:
         return _read_set(manifest, path.parent)
     except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise ConceptExpressError(f"{path}: the concept set is incomplete or was edited ({type(err).__name__}: {err}); "
-                                  "export it again.") from None
+        raise ConceptExpressError(
+            f"{path}: the concept set is incomplete or was edited ({type(err).__name__}: {err}); export it again."
+        ) from None
 
 
 def _read_set(manifest: dict, root: Path) -> ConceptTokens:
@@ -236,15 +254,26 @@ def _read_set(manifest: dict, root: Path) -> ConceptTokens:
         tensors = read(entry["file"])
         wanted = keys if family == "sdxl" else ["emb_params"]
         if set(wanted) - set(tensors):
-            raise ConceptExpressError(f"{root / entry['file']}: holds {sorted(tensors)}, not the {wanted} of a "
-                                      f"{family} concept; export the set again.")
+            raise ConceptExpressError(
+                f"{root / entry['file']}: holds {sorted(tensors)}, not the {wanted} of a "
+                f"{family} concept; export the set again."
+            )
         for e, key in enumerate(wanted):
             value = tensors[key].reshape(-1).float()
             if vectors[e] and value.shape != vectors[e][0].shape:
-                raise ConceptExpressError(f"{root / entry['file']}: a {value.numel()}-wide {key} vector where the set's "
-                                          f"others are {vectors[e][0].numel()} wide; export the set again.")
+                raise ConceptExpressError(
+                    f"{root / entry['file']}: a {value.numel()}-wide {key} vector where the set's "
+                    f"others are {vectors[e][0].numel()} wide; export the set again."
+                )
             vectors[e].append(value)
         masks.append(torch.from_numpy(read(entry["mask"])[np.ix_(ys, xs)] > 127))
-    return ConceptTokens([torch.stack(v) for v in vectors], keys, family, [c["name"] for c in manifest["concepts"]],
-                         torch.stack(masks), torch.from_numpy(image.copy()), manifest.get("history", {}),
-                         {**manifest.get("info", {}), "source": manifest.get("source", {})})
+    return ConceptTokens(
+        [torch.stack(v) for v in vectors],
+        keys,
+        family,
+        [c["name"] for c in manifest["concepts"]],
+        torch.stack(masks),
+        torch.from_numpy(image.copy()),
+        manifest.get("history", {}),
+        {**manifest.get("info", {}), "source": manifest.get("source", {})},
+    )

@@ -8,8 +8,8 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -80,8 +80,9 @@ def write_text_atomic(path: str | os.PathLike, text: str, overwrite: bool = True
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None,
-                 overwrite: bool = True) -> Path:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None, overwrite: bool = True
+) -> Path:
     from safetensors.torch import save_file
 
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -102,5 +103,7 @@ def load_tensors(path: str | os.PathLike, expected_format: str | None = None) ->
     except Exception as err:  # safetensors raises several types for truncated or foreign files
         raise ConceptExpressError(f"{path}: not a readable safetensors file ({err}).") from None
     if expected_format is not None and meta.get("format") != expected_format:
-        raise ConceptExpressError(f"{path}: expected a {expected_format} file, found {meta.get('format') or 'something else'}.")
+        raise ConceptExpressError(
+            f"{path}: expected a {expected_format} file, found {meta.get('format') or 'something else'}."
+        )
     return tensors, meta

@@ -16,13 +16,19 @@ The maths (distances, first neighbours, components, means) lives in ``concept_ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ..kernels import (cluster_means, connected_components, first_neighbour_clusters, prepare_distributions,
-                       sym_kl_first_neighbours, sym_kl_pair_distances)
+from ..kernels import (
+    cluster_means,
+    connected_components,
+    first_neighbour_clusters,
+    prepare_distributions,
+    sym_kl_first_neighbours,
+    sym_kl_pair_distances,
+)
 from .regions import relabel, touching
 
 
@@ -85,8 +91,9 @@ def shared_neighbour_pairs(kappa: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     partners = group_end - position - 1  # nodes after this one in its group
     total = int(partners.sum())
     first = torch.repeat_interleave(position, partners)
-    offset = torch.arange(total, device=kappa.device) - torch.repeat_interleave(torch.cumsum(partners, 0) - partners,
-                                                                                partners)
+    offset = torch.arange(total, device=kappa.device) - torch.repeat_interleave(
+        torch.cumsum(partners, 0) - partners, partners
+    )
     return order[first], order[first + offset + 1]
 
 
@@ -157,8 +164,13 @@ def finch(rows: torch.Tensor, kernel: KernelOptions = KernelOptions()) -> Hierar
     return _grow(rows, partition, lambda labels, k: cluster_means(rows, labels, k))
 
 
-def constrained_finch(rows: torch.Tensor, label_image: torch.Tensor, delta: float | None,
-                      centroids: Centroids | None = None, kernel: KernelOptions = KernelOptions()) -> Hierarchy:
+def constrained_finch(
+    rows: torch.Tensor,
+    label_image: torch.Tensor,
+    delta: float | None,
+    centroids: Centroids | None = None,
+    kernel: KernelOptions = KernelOptions(),
+) -> Hierarchy:
     """Post-clustering (paper sec. 3.2, reference-spec 1.8): FINCH over K candidate regions whose edges are kept only
     when d <= ``delta`` (None: no cut) and the two regions touch.
 
@@ -182,8 +194,9 @@ def constrained_finch(rows: torch.Tensor, label_image: torch.Tensor, delta: floa
     return _grow(rows, partition, centroids or (lambda labels, k: cluster_means(rows, labels, k)))
 
 
-def finch_with_count(rows: torch.Tensor, count: int, hierarchy: Hierarchy | None = None,
-                     kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
+def finch_with_count(
+    rows: torch.Tensor, count: int, hierarchy: Hierarchy | None = None, kernel: KernelOptions = KernelOptions()
+) -> torch.Tensor:
     """Labels with exactly ``count`` clusters, FINCH's ``req_clust`` mode: the level with that many clusters if there
     is one; otherwise from the last level with more, merge the closest pair of clusters (the smallest d(i, kappa_i);
     lowest i on ties), recompute the means of the original rows, and repeat. A count above level 0's returns level 0

@@ -24,12 +24,14 @@ def parse_template(template: str, count: int, joiner: str = " and ") -> Prompt:
     position = 0
     for match in _PLACEHOLDER.finditer(template):
         if match.start() > position:
-            parts.append(template[position:match.start()])
+            parts.append(template[position : match.start()])
         key = match.group(1)
         indices = range(count) if key == "all" else [int(key) - 1]
         for k, i in enumerate(indices):
             if not 0 <= i < count:
-                raise ConceptExpressError(f"{{{key}}} in the prompt, but there are only {count} concepts ({{1}}..{{{count}}}).")
+                raise ConceptExpressError(
+                    f"{{{key}}} in the prompt, but there are only {count} concepts ({{1}}..{{{count}}})."
+                )
             if k:
                 parts.append(joiner)
             parts.append(Slot(i))
@@ -51,9 +53,19 @@ def check_compatible(backend, tokens: ConceptTokens) -> None:
         )
 
 
-def generate_images(backend, tokens: ConceptTokens, template: str, *, seed: int = 0, count: int = 1, steps: int = 50,
-                    guidance: float = 7.5, negative: str = "", size: tuple[int, int] | None = None,
-                    progress=None) -> list:
+def generate_images(
+    backend,
+    tokens: ConceptTokens,
+    template: str,
+    *,
+    seed: int = 0,
+    count: int = 1,
+    steps: int = 50,
+    guidance: float = 7.5,
+    negative: str = "",
+    size: tuple[int, int] | None = None,
+    progress=None,
+) -> list:
     """Render ``count`` images of ``template`` (see the module docstring); returns PIL images."""
     check_compatible(backend, tokens)
     prompt = parse_template(template, len(tokens))
@@ -65,8 +77,11 @@ def generate_images(backend, tokens: ConceptTokens, template: str, *, seed: int 
     images = []
     for k in range(count):
         generator = torch.Generator(device="cpu").manual_seed(seed + k)
-        images.append(backend.sample(cond, uncond, steps=steps, guidance=guidance, generator=generator,
-                                     width=width, height=height))
+        images.append(
+            backend.sample(
+                cond, uncond, steps=steps, guidance=guidance, generator=generator, width=width, height=height
+            )
+        )
         if progress is not None:
             progress(k + 1, count)
     return images

@@ -27,7 +27,6 @@ import io
 import math
 import os
 import warnings
-from typing import Union
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from .errors import ConceptExpressError
 MIN_SIDE = 64
 MAX_ASPECT = 4.0
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, torch.Tensor]
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 def load_image(source: ImageSource) -> Image.Image:
@@ -55,7 +54,9 @@ def load_image(source: ImageSource) -> Image.Image:
         else:
             name = os.fspath(source)
             if not os.path.isfile(name):
-                raise ConceptExpressError(f"{name}: no such file. Give the path of an image file (PNG, JPEG, WebP, ...).")
+                raise ConceptExpressError(
+                    f"{name}: no such file. Give the path of an image file (PNG, JPEG, WebP, ...)."
+                )
             stream = name
         try:
             with warnings.catch_warnings():
@@ -125,13 +126,16 @@ def working_size(width: int, height: int, resolution: int, multiple: int = 64, m
         raise ConceptExpressError(f"resize mode must be 'keep' or 'stretch', not {mode!r}")
     scale = math.sqrt(resolution * resolution / (width * height))
     ideal_w, ideal_h = width * scale / multiple, height * scale / multiple
-    options = [(max(1, a) * multiple, max(1, b) * multiple)
-               for a in {math.floor(ideal_w), math.ceil(ideal_w)} for b in {math.floor(ideal_h), math.ceil(ideal_h)}]
+    options = [
+        (max(1, a) * multiple, max(1, b) * multiple)
+        for a in {math.floor(ideal_w), math.ceil(ideal_w)}
+        for b in {math.floor(ideal_h), math.ceil(ideal_h)}
+    ]
     aspect = math.log(width / height)
 
     def cost(size):
         w, h = size
-        return round(abs(math.log(w / h) - aspect), 9), abs(math.log(w * h / resolution ** 2))
+        return round(abs(math.log(w / h) - aspect), 9), abs(math.log(w * h / resolution**2))
 
     return min(options, key=cost)
 

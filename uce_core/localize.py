@@ -64,8 +64,14 @@ class LocalizeSettings:
             (self.features in FEATURES, f"features must be one of {FEATURES}, got {self.features!r}"),
             (0.0 <= self.min_area < 1.0, f"min_area is a fraction of the grid in [0, 1), got {self.min_area!r}"),
             (self.small in SMALL_REGIONS, f"small must be one of {SMALL_REGIONS}, got {self.small!r}"),
-            (self.backend in ("auto", "torch", "triton"), f"backend must be auto, torch or triton, got {self.backend!r}"),
-            (self.precision in ("ieee", "tf32x3", "tf32"), f"precision must be ieee, tf32x3 or tf32, got {self.precision!r}"),
+            (
+                self.backend in ("auto", "torch", "triton"),
+                f"backend must be auto, torch or triton, got {self.backend!r}",
+            ),
+            (
+                self.precision in ("ieee", "tf32x3", "tf32"),
+                f"precision must be ieee, tf32x3 or tf32, got {self.precision!r}",
+            ),
             (self.mode in ("fast", "reference"), f"mode must be fast or reference, got {self.mode!r}"),
         ]
         for ok, message in checks:
@@ -121,7 +127,8 @@ def normalised_eot(maps: AttentionMaps, device: torch.device) -> torch.Tensor:
     if not bool(high - low > FLAT_EOT * torch.maximum(high.abs(), low.abs())):
         raise ConceptExpressError(
             "the end-of-text attention map is constant, so no region can be told apart from the background "
-            "(eq. 5 needs a salient foreground). Check the attention capture (model, prompt, timestep) or the image.")
+            "(eq. 5 needs a salient foreground). Check the attention capture (model, prompt, timestep) or the image."
+        )
     return (eot - low) / (high - low)
 
 
@@ -129,7 +136,7 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
     """Find the concepts in ``maps``: N binary masks on the grid, their mean attention f_i and EOT scores."""
     clock = _Clock()
     device = torch.device(settings.device) if settings.device else maps.self_attention.device
-    grid, n = maps.grid, maps.n
+    grid = maps.grid
     rows = prepare_distributions(maps.self_attention.to(device))
     clock.lap("prepare")
 
@@ -149,7 +156,8 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
             f"{choice.index}) score <= 1.0 (best {float(pre_scores.max()):.4f}; eq. 5 keeps a region only if its mean "
             "EOT activation exceeds the image's). The image may have no distinct foreground object, or the "
             "self-attention may be too uniform to separate it. Try an image with clearer objects, a larger n_max "
-            "(finer pre-clusters), or another model/timestep for the attention capture.")
+            "(finer pre-clusters), or another model/timestep for the attention capture."
+        )
     mapping = torch.full((level.num_clusters,), -1, dtype=torch.long, device=device)
     mapping[kept] = torch.arange(kept.numel(), device=device)
     candidate_cells = relabel(level.labels, mapping)  # candidate of each cell, -1 for the filtered-out cells
@@ -157,8 +165,13 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
     clock.lap("eot_filter")
 
     features_of = concept_features(settings.features, rows, candidate_cells, candidate_rows)
-    post = constrained_finch(candidate_rows, candidate_cells.view(grid), delta,
-                             lambda labels, k: features_of(relabel(candidate_cells, labels), k), settings.kernel)
+    post = constrained_finch(
+        candidate_rows,
+        candidate_cells.view(grid),
+        delta,
+        lambda labels, k: features_of(relabel(candidate_cells, labels), k),
+        settings.kernel,
+    )
     concept_cells = relabel(candidate_cells, post.levels[-1].labels)
     num_concepts = post.levels[-1].num_clusters
     clock.lap("post_clustering")
@@ -186,8 +199,14 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
         "settings": dataclasses.asdict(settings),
         "timings_s": clock.laps,
     }
-    return Concepts(masks_of(concept_cells, num_concepts, grid).cpu(), features.float().cpu(), scores.float().cpu(),
-                    grid, maps.image, info)
+    return Concepts(
+        masks_of(concept_cells, num_concepts, grid).cpu(),
+        features.float().cpu(),
+        scores.float().cpu(),
+        grid,
+        maps.image,
+        info,
+    )
 
 
 def concept_features(rule: str, rows, candidate_cells, candidate_rows):
@@ -221,7 +240,7 @@ def _handle_small(cells, k, grid, settings, features_of):
         neighbours = touching(cells.view(grid), k)[smallest].nonzero().flatten()
         if settings.small == "merge" and neighbours.numel():
             f = features_of(cells, k)
-            distances = sym_kl_distances(f[smallest:smallest + 1], f[neighbours])[0]
+            distances = sym_kl_distances(f[smallest : smallest + 1], f[neighbours])[0]
             mapping[smallest] = neighbours[int(torch.argmin(distances))]
             record["merged"] += 1
         else:
@@ -234,7 +253,8 @@ def _handle_small(cells, k, grid, settings, features_of):
         k = survivors.numel()
     if k == 0:
         raise ConceptExpressError(
-            f"every concept covers less than min_area={settings.min_area} of the grid; lower min_area or set it to 0.")
+            f"every concept covers less than min_area={settings.min_area} of the grid; lower min_area or set it to 0."
+        )
     return cells, k, record
 
 

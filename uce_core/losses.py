@@ -43,13 +43,22 @@ def contrastive_loss(vectors: torch.Tensor, labels: torch.Tensor, temperature: f
 
 def grid_cost(height: int, width: int, device=None) -> torch.Tensor:
     """(h*w, h*w) Euclidean distances between the cells of an h x w grid (row-major), float32."""
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij"
+    )
     points = torch.stack([ys.flatten(), xs.flatten()], dim=1)
     return torch.cdist(points, points).to(device=device, dtype=torch.float32)
 
 
-def emd_alignment_loss(attention: torch.Tensor, target: torch.Tensor, cost: torch.Tensor, *, method: str = "sinkhorn",
-                       reg: float = 1e-3, iterations: int = 200) -> torch.Tensor:
+def emd_alignment_loss(
+    attention: torch.Tensor,
+    target: torch.Tensor,
+    cost: torch.Tensor,
+    *,
+    method: str = "sinkhorn",
+    reg: float = 1e-3,
+    iterations: int = 200,
+) -> torch.Tensor:
     """(B, n) token attention maps, (B, n) targets f_i, (n, n) cost -> (B,) OT costs <P, C>.
 
     Gradients reach ``attention`` only (through its normalisation to sum 1): the attention-side dual potential.
@@ -64,8 +73,16 @@ def emd_alignment_loss(attention: torch.Tensor, target: torch.Tensor, cost: torc
     with torch.no_grad():
         if method == "sinkhorn":
             # The attention side is POT's source (updated first in each iteration), as in the reference.
-            result = ot.batch.solve_batch(cost.expand(a.shape[0], -1, -1), reg=reg, a=a.detach(), b=b,
-                                          max_iter=iterations, tol=0.0, method="log_sinkhorn", grad="detach")
+            result = ot.batch.solve_batch(
+                cost.expand(a.shape[0], -1, -1),
+                reg=reg,
+                a=a.detach(),
+                b=b,
+                max_iter=iterations,
+                tol=0.0,
+                method="log_sinkhorn",
+                grad="detach",
+            )
             value = result.value_linear
             potential = reg * result.potentials[0]
         elif method == "exact":

@@ -10,8 +10,20 @@ from PIL import Image, ImageDraw
 _RAMP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], dtype=np.float64)
 
 # Distinct colours for concept overlays (cycled).
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+]
 
 
 def colorize(values: torch.Tensor | np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -54,7 +66,7 @@ def attention_rows_preview(maps, count: int = 8) -> Image.Image:
     """The image and ``count`` self-attention rows (query positions on a regular lattice, marked with a dot)."""
     image = Image.fromarray(maps.image.numpy())
     h, w = maps.grid
-    side = max(1, int(round(count ** 0.5)))
+    side = max(1, int(round(count**0.5)))
     ys = np.linspace(0, h - 1, side + 2)[1:-1].round().astype(int)
     xs = np.linspace(0, w - 1, (count + side - 1) // side + 2)[1:-1].round().astype(int)
     tiles, labels = [image], ["image"]

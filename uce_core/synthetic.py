@@ -76,7 +76,7 @@ def make_scene(spec: SceneSpec, seed: int) -> Scene:
 
     g = features[segment.ravel()] + spec.feature_noise * rng.normal(size=(h * w, dim)) / np.sqrt(dim)
     distance2 = ((cells[:, None, :] - cells[None, :, :]) ** 2).sum(-1)
-    logits = spec.beta * (g @ g.T) - distance2 / (2 * spec.sigma ** 2)
+    logits = spec.beta * (g @ g.T) - distance2 / (2 * spec.sigma**2)
     logits += spec.logit_noise * rng.normal(size=logits.shape)
     logits -= logits.max(axis=1, keepdims=True)
     attention = np.exp(logits)
@@ -92,8 +92,13 @@ def make_scene(spec: SceneSpec, seed: int) -> Scene:
     eot = _pool(eot, 4) if h % 4 == 0 and w % 4 == 0 else eot
 
     image = _picture(segment, spec.background_regions, rng)
-    maps = AttentionMaps(torch.from_numpy(attention.astype(np.float32)), torch.from_numpy(eot.astype(np.float32)),
-                         (h, w), image, {"synthetic": True, "seed": seed})
+    maps = AttentionMaps(
+        torch.from_numpy(attention.astype(np.float32)),
+        torch.from_numpy(eot.astype(np.float32)),
+        (h, w),
+        image,
+        {"synthetic": True, "seed": seed},
+    )
     return Scene(maps, torch.from_numpy(truth), seed, spec)
 
 

@@ -48,7 +48,11 @@ class ConceptTokens:
 
     def __post_init__(self):
         n = len(self.names)
-        if len(self.vectors) != len(self.encoder_keys) or any(v.shape[0] != n for v in self.vectors) or self.masks.shape[0] != n:
+        if (
+            len(self.vectors) != len(self.encoder_keys)
+            or any(v.shape[0] != n for v in self.vectors)
+            or self.masks.shape[0] != n
+        ):
             raise ValueError("vectors, encoder keys, names and masks disagree on the number of concepts or encoders")
         self.masks = self.masks.bool()
 

@@ -28,9 +28,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -184,11 +184,21 @@ class _Run:
         self.generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         self._prepare_image()
         self._prepare_targets()
-        self.vectors = [torch.nn.Parameter(initial_vectors(backend.token_embeddings(e), self.g * self.n,
-                                                           settings.init, self.generator).to(self.device))
-                        for e in range(len(backend.info.text_encoders))]
-        self.optimizer = torch.optim.AdamW(self.vectors, lr=settings.learning_rate, betas=settings.adam_betas,
-                                           eps=settings.adam_eps, weight_decay=settings.weight_decay)
+        self.vectors = [
+            torch.nn.Parameter(
+                initial_vectors(backend.token_embeddings(e), self.g * self.n, settings.init, self.generator).to(
+                    self.device
+                )
+            )
+            for e in range(len(backend.info.text_encoders))
+        ]
+        self.optimizer = torch.optim.AdamW(
+            self.vectors,
+            lr=settings.learning_rate,
+            betas=settings.adam_betas,
+            eps=settings.adam_eps,
+            weight_decay=settings.weight_decay,
+        )
         use_scaler = self.device.type == "cuda" and getattr(backend, "dtype", torch.float32) == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.step = 0
@@ -235,7 +245,9 @@ class _Run:
             return [_Item(_prompt(s.template, [k], s.joiner), (k % self.n,), (k,)) for k in range(self.g * self.n)]
         items = [_Item(_prompt(s.template, [i], s.joiner), (i,), (i,)) for i in range(self.n)]
         if s.composite and self.n > 1:
-            items.append(_Item(_prompt(s.template, list(range(self.n)), s.joiner), tuple(range(self.n)), tuple(range(self.n))))
+            items.append(
+                _Item(_prompt(s.template, list(range(self.n)), s.joiner), tuple(range(self.n)), tuple(range(self.n)))
+            )
         return items
 
     def draw(self, count: int) -> _Draws:
@@ -279,8 +291,14 @@ class _Run:
                     columns.append(probs[b, :, cond.slot_positions[b][slot]])
                     targets.append(concept)
             feats = self.feature_targets_flipped if draws.flip else self.feature_targets
-            per_pair = emd_alignment_loss(torch.stack(columns), feats[targets], self.cost, method=s.emd,
-                                          reg=s.sinkhorn_reg, iterations=s.sinkhorn_iterations)
+            per_pair = emd_alignment_loss(
+                torch.stack(columns),
+                feats[targets],
+                self.cost,
+                method=s.emd,
+                reg=s.sinkhorn_reg,
+                iterations=s.sinkhorn_iterations,
+            )
             attention = attention.index_add(0, torch.tensor(rows, device=per_pair.device), per_pair)
         return denoise, attention
 
@@ -356,7 +374,9 @@ class _Run:
 
     def _summary(self, denoise, attention, con) -> dict[str, float]:
         s = self.s
-        loss = denoise + s.attention_weight * attention + (s.contrastive_weight * con if self._with_contrastive() else 0.0)
+        loss = (
+            denoise + s.attention_weight * attention + (s.contrastive_weight * con if self._with_contrastive() else 0.0)
+        )
         return {"loss": loss, "denoise": denoise, "attention": attention, "contrastive": con}
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -378,9 +398,15 @@ class _Run:
                     tensors[f"adam.{e}.{key}"] = state[key].detach().clone()
             if "step" in state:
                 steps[e] = float(state["step"])
-        meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "merged": self.merged, "adam_steps": steps,
-                "history": {k: list(v) for k, v in self.history.items()}, "fingerprint": self.fingerprint,
-                "micro_batch": self.micro_batch}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "merged": self.merged,
+            "adam_steps": steps,
+            "history": {k: list(v) for k, v in self.history.items()},
+            "fingerprint": self.fingerprint,
+            "micro_batch": self.micro_batch,
+        }
         return tensors, meta
 
     def save_checkpoint(self, path: Path, state: tuple[dict, dict] | None = None) -> None:
@@ -432,10 +458,17 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str | None:
 ProgressCallback = Callable[[int, int, dict], None]
 
 
-def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | None = None, *,
-                         names: list[str] | None = None, progress: ProgressCallback | None = None,
-                         should_stop: Callable[[], bool] | None = None,
-                         checkpoint: str | os.PathLike | None = None, resume: bool = True) -> ConceptTokens:
+def train_concept_tokens(
+    backend,
+    concepts: Concepts,
+    settings: TrainSettings | None = None,
+    *,
+    names: list[str] | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = True,
+) -> ConceptTokens:
     """Learn one token per concept. See the module docstring.
 
     ``progress(step, total, losses)`` is called after every step; ``should_stop()`` is polled before every step and
@@ -453,9 +486,8 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
     if settings.gradient_checkpointing and hasattr(backend, "unet"):
         backend.unet.enable_gradient_checkpointing()
     path = Path(checkpoint) if checkpoint else None
-    if path is not None and resume and path.is_file() and run.load_checkpoint(path):
-        if progress is not None:
-            progress(run.step, settings.steps, {"resumed": run.step})
+    if path is not None and resume and path.is_file() and run.load_checkpoint(path) and progress is not None:
+        progress(run.step, settings.steps, {"resumed": run.step})
     boundary = run.state() if path is not None else None  # the last consistent state, for a checkpoint
     try:
         with torch.enable_grad():
@@ -476,8 +508,11 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
                         f"training diverged at step {run.step + 1}: the loss is not a finite number. "
                         # Resuming cannot help: the same settings diverge again, and other weights (another dtype)
                         # capture other attention, hence another run. So the advice is to start again.
-                        + ("Start again (--overwrite: the checkpoint of the last finite state is kept until then) "
-                           if path else "Start again ")
+                        + (
+                            "Start again (--overwrite: the checkpoint of the last finite state is kept until then) "
+                            if path
+                            else "Start again "
+                        )
                         + "with float32 weights (--dtype float32), a lower learning rate, or another seed."
                     ) from None
                 for key in run.history:
@@ -498,15 +533,25 @@ def train_concept_tokens(backend, concepts: Concepts, settings: TrainSettings | 
             backend.unet.disable_gradient_checkpointing()
     if not run.merged:
         run.merge()
-    meta = {"settings": asdict(settings), "steps": run.step, "seconds": round(time.perf_counter() - started, 2),
-            "fingerprint": run.fingerprint,
-            "model": asdict(backend.info), "localization": concepts.info, "cross_grid": list(run.cross_grid or [])}
+    meta = {
+        "settings": asdict(settings),
+        "steps": run.step,
+        "seconds": round(time.perf_counter() - started, 2),
+        "fingerprint": run.fingerprint,
+        "model": asdict(backend.info),
+        "localization": concepts.info,
+        "cross_grid": list(run.cross_grid or []),
+    }
     names = names or [f"concept_{i + 1}" for i in range(run.n)]
     if len(names) != run.n:
         raise ConceptExpressError(f"{len(names)} names for {run.n} concepts")
     return ConceptTokens(
         vectors=[v.detach()[: run.n].float().cpu().clone() for v in run.vectors],
         encoder_keys=[e.key for e in backend.info.text_encoders],
-        family=backend.info.family, names=names, masks=concepts.masks.clone(), image=concepts.image.clone(),
-        history=run.history, info=meta,
+        family=backend.info.family,
+        names=names,
+        masks=concepts.masks.clone(),
+        image=concepts.image.clone(),
+        history=run.history,
+        info=meta,
     )

@@ -15,8 +15,9 @@ Everything else in ``uce_core`` is model-agnostic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, Sequence, Union, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -69,10 +70,10 @@ class Slot:
 class Prompt:
     """A prompt as text pieces and learnable slots, e.g. ("a photo of", Slot(0), "and", Slot(1))."""
 
-    parts: tuple[Union[str, Slot], ...]
+    parts: tuple[str | Slot, ...]
 
     @classmethod
-    def text(cls, text: str) -> "Prompt":
+    def text(cls, text: str) -> Prompt:
         return cls((text,))
 
     @property
@@ -142,8 +143,13 @@ class ModelBackend(Protocol):
         encoder). Gradients flow to ``vectors`` and nowhere else."""
         ...
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                recorder: AttentionRecorder | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Conditioning,
+        recorder: AttentionRecorder | None = None,
+    ) -> torch.Tensor:
         """Run the denoiser; call ``recorder`` for the attention layers it wants."""
         ...
 

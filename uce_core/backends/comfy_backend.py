@@ -20,7 +20,7 @@ loaded by the stock loaders. Only this module and ``nodes/`` import ComfyUI, and
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,21 +59,29 @@ class ComfyBackend:
         keys = _ENCODERS[family]
         missing = [k for k in keys if getattr(clip.tokenizer, f"clip_{k}", None) is None]
         if missing:
-            raise ConceptExpressError(f"the CLIP input does not match the {family} MODEL; connect the CLIP of the same checkpoint.")
+            raise ConceptExpressError(
+                f"the CLIP input does not match the {family} MODEL; connect the CLIP of the same checkpoint."
+            )
         self.tokenizers = [getattr(clip.tokenizer, f"clip_{k}") for k in keys]
         self.encoders = [getattr(clip.cond_stage_model, f"clip_{k}") for k in keys]
         v_pred = self.base.model_type == comfy.model_base.ModelType.V_PREDICTION
         widths = [e.transformer.get_input_embeddings().weight.shape[1] for e in self.encoders]
         first = self.tokenizers[0]
         self.info = ModelInfo(
-            family=family, prediction_type="v_prediction" if v_pred else "epsilon",
+            family=family,
+            prediction_type="v_prediction" if v_pred else "epsilon",
             text_encoders=tuple(TextEncoderInfo(f"clip_{k}", w) for k, w in zip(keys, widths)),
-            bos_token_id=first.start_token, eos_token_id=first.end_token, pad_token_id=first.pad_token,
-            max_length=first.max_length, latent_channels=4, vae_scale_factor=8,
-            resolution={"sd1": 512, "sd2": 768 if v_pred else 512, "sdxl": 1024}[family], name=name,
+            bos_token_id=first.start_token,
+            eos_token_id=first.end_token,
+            pad_token_id=first.pad_token,
+            max_length=first.max_length,
+            latent_channels=4,
+            vae_scale_factor=8,
+            resolution={"sd1": 512, "sd2": 768 if v_pred else 512, "sdxl": 1024}[family],
+            name=name,
         )
         sigmas = self.base.model_sampling.sigmas.detach().double().cpu()
-        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas ** 2), self.info.prediction_type)
+        self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), self.info.prediction_type)
         self.dtype = torch.float32
 
     # -- images -----------------------------------------------------------------------------------------------------
@@ -121,8 +129,11 @@ class ComfyBackend:
                 ids.append(None)
                 slots.append(part.index)
             elif part.strip():
-                ids.extend(t for t in tokenizer.tokenizer(part.strip())["input_ids"]
-                           if t not in (tokenizer.start_token, tokenizer.end_token))
+                ids.extend(
+                    t
+                    for t in tokenizer.tokenizer(part.strip())["input_ids"]
+                    if t not in (tokenizer.start_token, tokenizer.end_token)
+                )
         if len(ids) + 1 > tokenizer.max_length:
             raise ConceptExpressError(f"the prompt is {len(ids) + 1} tokens long; at most {tokenizer.max_length} fit.")
         eot = len(ids)
@@ -176,10 +187,17 @@ class ComfyBackend:
         kwargs = {}
         if self.info.family == "sdxl":
             h, w = noisy.shape[-2] * 8, noisy.shape[-1] * 8
-            kwargs["y"] = torch.cat([
-                self.base.encode_adm(pooled_output=p[None], width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                                     target_height=h) for p in cond.extras["pooled_output"]])
-        x0 = self.base.apply_model(x_sigma, sigma, c_crossattn=cond.context, transformer_options=options, **kwargs).float()
+            kwargs["y"] = torch.cat(
+                [
+                    self.base.encode_adm(
+                        pooled_output=p[None], width=w, height=h, crop_w=0, crop_h=0, target_width=w, target_height=h
+                    )
+                    for p in cond.extras["pooled_output"]
+                ]
+            )
+        x0 = self.base.apply_model(
+            x_sigma, sigma, c_crossattn=cond.context, transformer_options=options, **kwargs
+        ).float()
         eps = (x_sigma - x0) / sigma.view(shape)
         if self.info.prediction_type == "epsilon":
             return eps

@@ -13,7 +13,7 @@ otherwise the module's own processor runs unchanged. The original processors are
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,16 +58,26 @@ class _EmbeddingSubstitution:
 class DiffusersBackend:
     """``ModelBackend`` over a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``."""
 
-    def __init__(self, pipe, info: ModelInfo, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 text_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        pipe,
+        info: ModelInfo,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        text_dtype: torch.dtype = torch.float32,
+    ):
         self.pipe = pipe
         self.info = info
         self.device = torch.device(device)
         self.dtype = dtype  # the UNet's; the VAE always runs in float32 and the text encoders in ``text_dtype``
         self.unet = _placed(pipe.unet, self.device, dtype)
         self.vae = _placed(pipe.vae, self.device, torch.float32)  # fp16 VAEs overflow (SDXL's notably)
-        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else [])
-        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
+        self.tokenizers = [pipe.tokenizer] + (
+            [pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else []
+        )
+        self.text_encoders = [pipe.text_encoder] + (
+            [pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else []
+        )
         self._hooks = []
         for encoder in self.text_encoders:
             _placed(encoder, self.device, text_dtype)
@@ -100,7 +110,10 @@ class DiffusersBackend:
         hidden, pooled, slot_positions, eots = [], None, [], []
         for e, (tokenizer, encoder, hook) in enumerate(zip(self.tokenizers, self.text_encoders, self._hooks)):
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else info.eos_token_id
-            rows = [tokenize_prompt(tokenizer, p, info.max_length, pad, info.bos_token_id, info.eos_token_id) for p in prompts]
+            rows = [
+                tokenize_prompt(tokenizer, p, info.max_length, pad, info.bos_token_id, info.eos_token_id)
+                for p in prompts
+            ]
             ids = torch.tensor([r[0] for r in rows], device=self.device)
             if e == 0:
                 slot_positions, eots = [r[1] for r in rows], [r[2] for r in rows]
@@ -123,8 +136,13 @@ class DiffusersBackend:
         kwargs = {}
         if self.info.family == "sdxl":
             h, w = noisy.shape[-2] * self.info.vae_scale_factor, noisy.shape[-1] * self.info.vae_scale_factor
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(noisy.shape[0], -1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.extras["text_embeds"].to(self.dtype), "time_ids": time_ids}
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(
+                noisy.shape[0], -1
+            )
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond.extras["text_embeds"].to(self.dtype),
+                "time_ids": time_ids,
+            }
         context = cond.context.to(self.dtype)
         if context.shape[0] != noisy.shape[0]:
             raise ValueError(f"{noisy.shape[0]} latents but {context.shape[0]} prompts")
@@ -132,8 +150,17 @@ class DiffusersBackend:
             out = self.unet(noisy.to(self.dtype), timesteps.to(self.device), encoder_hidden_states=context, **kwargs)
         return out.sample
 
-    def sample(self, cond: Conditioning, uncond: Conditioning, *, steps: int, guidance: float,
-               generator: torch.Generator, width: int, height: int):
+    def sample(
+        self,
+        cond: Conditioning,
+        uncond: Conditioning,
+        *,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+        width: int,
+        height: int,
+    ):
         """Render one image with DDIM and classifier-free guidance (the reference's infer.py settings come from the
         caller) from precomputed conditioning; returns a PIL image."""
         from diffusers import DDIMScheduler
@@ -141,10 +168,17 @@ class DiffusersBackend:
 
         scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config, prediction_type=self.info.prediction_type)
         scheduler.set_timesteps(steps)
-        shape = (1, self.info.latent_channels, height // self.info.vae_scale_factor, width // self.info.vae_scale_factor)
+        shape = (
+            1,
+            self.info.latent_channels,
+            height // self.info.vae_scale_factor,
+            width // self.info.vae_scale_factor,
+        )
         latents = torch.randn(shape, generator=generator).to(self.device, torch.float32) * scheduler.init_noise_sigma
-        both = Conditioning(torch.cat([uncond.context, cond.context]),
-                            {k: torch.cat([uncond.extras[k], v]) for k, v in cond.extras.items()})
+        both = Conditioning(
+            torch.cat([uncond.context, cond.context]),
+            {k: torch.cat([uncond.extras[k], v]) for k, v in cond.extras.items()},
+        )
         with torch.no_grad():
             for t in scheduler.timesteps:
                 x = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.dtype)
@@ -172,8 +206,9 @@ class DiffusersBackend:
             yield
             return
         originals = self.unet.attn_processors
-        self.unet.set_attn_processor({name: _RecordingProcessor(proc, recorder, latent_hw, _place(name))
-                                      for name, proc in originals.items()})
+        self.unet.set_attn_processor(
+            {name: _RecordingProcessor(proc, recorder, latent_hw, _place(name)) for name, proc in originals.items()}
+        )
         try:
             yield
         finally:
@@ -202,7 +237,9 @@ class _RecordingProcessor:
     def __init__(self, original, recorder, latent_hw, place):
         self.original, self.recorder, self.latent_hw, self.place = original, recorder, latent_hw, place
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         kind = "self" if encoder_hidden_states is None else "cross"
         spatial = hidden_states.ndim == 4
         queries = hidden_states.shape[-1] * hidden_states.shape[-2] if spatial else hidden_states.shape[1]
@@ -214,7 +251,8 @@ class _RecordingProcessor:
             raise ConceptExpressError(
                 f"this UNet's {layer.kind}-attention at {layer.grid[0]}x{layer.grid[1]} uses an attention mask, spatial "
                 "norm or query/key norm, which SD1.x, SD2.x and SDXL do not have: attention can only be captured "
-                "from those model families.")
+                "from those model families."
+            )
         residual = hidden_states
         if spatial:
             b, c, h, w = hidden_states.shape
@@ -224,7 +262,9 @@ class _RecordingProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        out, probs = attention_with_probs(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, attn.scale)
+        out, probs = attention_with_probs(
+            attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, attn.scale
+        )
         self.recorder.record(layer, probs)
         out = attn.to_out[1](attn.to_out[0](out.to(hidden_states.dtype)))
         if spatial:
@@ -247,7 +287,10 @@ def info_from_pipeline(pipe, name: str, prediction_type: str | None = None) -> M
     width1 = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     if getattr(pipe, "text_encoder_2", None) is not None:
         family = "sdxl"
-        encoders = (TextEncoderInfo("clip_l", width1), TextEncoderInfo("clip_g", pipe.text_encoder_2.get_input_embeddings().weight.shape[1]))
+        encoders = (
+            TextEncoderInfo("clip_l", width1),
+            TextEncoderInfo("clip_g", pipe.text_encoder_2.get_input_embeddings().weight.shape[1]),
+        )
     else:
         family = "sd2" if unet.config.use_linear_projection else "sd1"
         encoders = (TextEncoderInfo("clip_h" if family == "sd2" else "clip_l", width1),)
@@ -257,10 +300,13 @@ def info_from_pipeline(pipe, name: str, prediction_type: str | None = None) -> M
         family=family,
         prediction_type=prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon"),
         text_encoders=encoders,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         max_length=min(77, pipe.text_encoder.config.max_position_embeddings),
-        latent_channels=unet.config.in_channels, vae_scale_factor=vae_factor,
+        latent_channels=unet.config.in_channels,
+        vae_scale_factor=vae_factor,
         resolution=int(unet.config.sample_size) * vae_factor,
-        num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps), name=name,
+        num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+        name=name,
     )

@@ -52,8 +52,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError):
         raise ConceptExpressError(f"device {str(device)!r} is not a device name; use cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ConceptExpressError(f"device {device} is not available here (this torch sees "
-                                  f"{torch.cuda.device_count()} CUDA device(s)); use --device cpu or another device.")
+        raise ConceptExpressError(
+            f"device {device} is not available here (this torch sees "
+            f"{torch.cuda.device_count()} CUDA device(s)); use --device cpu or another device."
+        )
     return device
 
 
@@ -63,9 +65,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_backend(model: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 prediction_type: str | None = None, tokenizer: str | os.PathLike | None = None,
-                 config: str | os.PathLike | None = None, seed: int = 0) -> DiffusersBackend:
+def load_backend(
+    model: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    prediction_type: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> DiffusersBackend:
     """Load ``model`` (see the module docstring) into a ``DiffusersBackend``."""
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
@@ -124,10 +133,13 @@ def _load_folder(path: Path):
         with quiet_libraries():
             return DiffusionPipeline.from_pretrained(path, local_files_only=True, **extra)
     except Exception as err:
-        raise ConceptExpressError(f"{path}: could not load this diffusers folder ({type(err).__name__}: {err}).") from None
+        raise ConceptExpressError(
+            f"{path}: could not load this diffusers folder ({type(err).__name__}: {err})."
+        ) from None
 
 
 # -- single files ------------------------------------------------------------------------------------------------
+
 
 def read_checkpoint_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """(key -> shape, metadata) without loading the tensors when the format allows it."""
@@ -144,7 +156,9 @@ def read_checkpoint_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict
     except ConceptExpressError:
         raise
     except Exception as err:
-        raise ConceptExpressError(f"{path}: the file is damaged or not a checkpoint ({type(err).__name__}: {err}).") from None
+        raise ConceptExpressError(
+            f"{path}: the file is damaged or not a checkpoint ({type(err).__name__}: {err})."
+        ) from None
 
 
 def _torch_load(path: Path) -> dict:
@@ -171,7 +185,9 @@ def detect_family(shapes: dict[str, tuple[int, ...]], name: str = "checkpoint") 
         )
     conv_in = shapes.get(_UNET + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
-        raise ConceptExpressError(f"{name}: an inpainting or otherwise special UNet ({conv_in[1]} input channels) is not supported.")
+        raise ConceptExpressError(
+            f"{name}: an inpainting or otherwise special UNet ({conv_in[1]} input channels) is not supported."
+        )
     if any(k.startswith("conditioner.embedders.1.model.") for k in shapes):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
@@ -221,8 +237,14 @@ def find_tokenizer(explicit: str | os.PathLike | None = None) -> Path:
             candidates.append(Path(list(spec.submodule_search_locations)[0]) / "sd1_tokenizer")
     except (ImportError, ValueError):
         pass
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    patterns = ["models--openai--clip-vit-large-patch14/snapshots/*", "models--*stable-diffusion*/snapshots/*/tokenizer"]
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
+    patterns = [
+        "models--openai--clip-vit-large-patch14/snapshots/*",
+        "models--*stable-diffusion*/snapshots/*/tokenizer",
+    ]
     for pattern in patterns:
         candidates.extend(Path(p) for p in sorted(glob.glob(str(hub / pattern))))
     for folder in candidates:
@@ -240,7 +262,9 @@ def find_tokenizer(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def _is_tokenizer_folder(folder: Path) -> bool:
-    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (folder / "tokenizer.json").is_file()
+    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (
+        folder / "tokenizer.json"
+    ).is_file()
 
 
 def _load_single_file(path: Path, prediction_type: str | None, tokenizer, config):
@@ -252,10 +276,14 @@ def _load_single_file(path: Path, prediction_type: str | None, tokenizer, config
     if config is None:
         if family == "sd2" and prediction_type is None:
             prediction_type = _sd2_prediction_type(path, metadata)
-        config = CONFIG_DIR / {"sd1": "sd1", "sdxl": "sdxl"}.get(family, "sd2-v" if prediction_type == "v_prediction" else "sd2-base")
+        config = CONFIG_DIR / {"sd1": "sd1", "sdxl": "sdxl"}.get(
+            family, "sd2-v" if prediction_type == "v_prediction" else "sd2-base"
+        )
     tok_dir = find_tokenizer(tokenizer)
     pad = "<|endoftext|>" if family == "sd1" else "!"
-    components = {"tokenizer": CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="<|endoftext|>" if family != "sd2" else "!")}
+    components = {
+        "tokenizer": CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="<|endoftext|>" if family != "sd2" else "!")
+    }
     if family == "sdxl":
         components["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token=pad)
         cls = StableDiffusionXLPipeline

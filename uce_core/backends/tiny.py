@@ -32,18 +32,98 @@ TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 TINY_RESOLUTION = 128  # pixels; latent grid 16x16
 ATTENTION_SHARPNESS = 4.0
 
-_WORDS = (
-    "a photo of the and in on with at by for from to an is this that my your its one two three "
-    "dog cat teapot lamp cup chair table car tree flower bird house person man woman child ball box book "
-    "red green blue yellow white black brown small large big little old new wooden metal glass "
-    "beach snow forest city street room garden sky water mountain river field painting picture image "
-    "rendering style standing sitting next behind front under over near"
-).split()
+_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "and",
+    "in",
+    "on",
+    "with",
+    "at",
+    "by",
+    "for",
+    "from",
+    "to",
+    "an",
+    "is",
+    "this",
+    "that",
+    "my",
+    "your",
+    "its",
+    "one",
+    "two",
+    "three",
+    "dog",
+    "cat",
+    "teapot",
+    "lamp",
+    "cup",
+    "chair",
+    "table",
+    "car",
+    "tree",
+    "flower",
+    "bird",
+    "house",
+    "person",
+    "man",
+    "woman",
+    "child",
+    "ball",
+    "box",
+    "book",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "brown",
+    "small",
+    "large",
+    "big",
+    "little",
+    "old",
+    "new",
+    "wooden",
+    "metal",
+    "glass",
+    "beach",
+    "snow",
+    "forest",
+    "city",
+    "street",
+    "room",
+    "garden",
+    "sky",
+    "water",
+    "mountain",
+    "river",
+    "field",
+    "painting",
+    "picture",
+    "image",
+    "rendering",
+    "style",
+    "standing",
+    "sitting",
+    "next",
+    "behind",
+    "front",
+    "under",
+    "over",
+    "near",
+]
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 byte-level alphabet: each byte maps to a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -88,11 +168,18 @@ def write_tiny_tokenizer(directory: str | os.PathLike, pad: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     symbols = list(bytes_to_unicode().values())
     merges = learn_merges()
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_list = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    )
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(special))
     config = dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer")
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
@@ -107,32 +194,61 @@ def _text_config(width: int, act: str, projection: int | None = None):
 
     vocab = tiny_vocab_size()
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=projection or width,
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or width,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
     )
 
 
 _UNET_SD = dict(
-    sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+    sample_size=TINY_RESOLUTION // 8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
     block_out_channels=(16, 32, 32, 32),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 _VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(8, 16, 16, 16), sample_size=TINY_RESOLUTION,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    block_out_channels=(8, 16, 16, 16),
+    sample_size=TINY_RESOLUTION,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
 )
 _SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 
 
 def build_tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
     """A diffusers pipeline with random weights, the same for the same (name, seed)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if name not in TINY_MODELS:
@@ -154,18 +270,28 @@ def build_tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
             prediction = "epsilon"
         elif name == "tiny-sd2":
             text_encoder = CLIPTextModel(_text_config(48, "gelu"))
-            unet = UNet2DConditionModel(**_UNET_SD, cross_attention_dim=48, attention_head_dim=(1, 2, 2, 2), use_linear_projection=True)
+            unet = UNet2DConditionModel(
+                **_UNET_SD, cross_attention_dim=48, attention_head_dim=(1, 2, 2, 2), use_linear_projection=True
+            )
             prediction = "v_prediction"
         else:
             text_encoder = CLIPTextModel(_text_config(32, "quick_gelu"))
             text_encoder_2 = CLIPTextModelWithProjection(_text_config(64, "gelu", projection=64))
             unet = UNet2DConditionModel(
-                sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+                sample_size=TINY_RESOLUTION // 8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=1,
+                norm_num_groups=8,
                 block_out_channels=(16, 32, 32),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2), cross_attention_dim=96,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                transformer_layers_per_block=(1, 1, 2),
+                attention_head_dim=(1, 2, 2),
+                cross_attention_dim=96,
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=64 + 6 * 8,
             )
             prediction = "epsilon"
@@ -176,12 +302,24 @@ def build_tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
     if name == "tiny-sdxl":
         text_encoder_2.eval()
         return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=False,
         )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -196,7 +334,7 @@ def _sharpen_attention(unet) -> None:
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if name.endswith(("to_q.weight", "to_k.weight")):
-                param.mul_(ATTENTION_SHARPNESS ** 0.5)
+                param.mul_(ATTENTION_SHARPNESS**0.5)
 
 
 def build_random_pipeline(config: str = "sd2-base", seed: int = 0):
@@ -204,7 +342,13 @@ def build_random_pipeline(config: str = "sd2-base", seed: int = 0):
     weights and the project's small tokenizer: for benchmarks of speed and memory at real sizes, nothing else."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from .loading import CONFIG_DIR
@@ -233,7 +377,22 @@ def build_random_pipeline(config: str = "sd2-base", seed: int = 0):
         scheduler = DDIMScheduler(**{k: v for k, v in sched_cfg.items() if k in _SCHEDULER or k == "prediction_type"})
         if config == "sdxl":
             text_encoder_2 = CLIPTextModelWithProjection(text_config("text_encoder_2")).eval()
-            return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            return StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+            )
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
