@@ -19,8 +19,12 @@ search in one thread pool avoids the oversubscription that interleaving OpenBLAS
 load. On other devices (a CUDA tensor when triton is missing) the same blocks run in torch.
 """
 
+import contextlib
+
 import numpy as np
 import torch
+
+from ._device import cuda_matmul_precision
 
 # Rows per top-level strip. None: d / 8 (a multiple of 64 in [256, 2048]), so that the scratch, 2 strips x n floats,
 # stays under a quarter of L (n x d) while there are always about 8 strips: few, large GEMM calls. Each GEMM call is a
@@ -43,11 +47,13 @@ def first_neighbours_blocked(a, la, ha, b=None, lb=None, hb=None) -> torch.Tenso
         blocks = ((r0, min(r0 + strip, a.shape[0]), 0, b.shape[0]) for r0 in range(0, a.shape[0], strip))
     engine = _NumpyEngine if a.device.type == "cpu" and CPU_ENGINE == "numpy" else _TorchEngine
     search = engine(a, la, ha, b, lb, hb, scratch=min(strip, a.shape[0]) * b.shape[0])
-    for r0, r1, c0, c1 in blocks:
-        cross = search.cross(r0, r1, c0, c1)
-        search.offer_row_minima(cross, r0, r1, c0, c1, exclude_self=symmetric and r0 == c0)
-        if symmetric and c0 >= r1:
-            search.offer_column_minima(cross, r0, r1, c0, c1)
+    # Full float32 products in torch whatever TF32 setting the process chose (TF32 is ~1e-3 relative: not exact).
+    with cuda_matmul_precision(tf32=False) if engine is _TorchEngine else contextlib.nullcontext():
+        for r0, r1, c0, c1 in blocks:
+            cross = search.cross(r0, r1, c0, c1)
+            search.offer_row_minima(cross, r0, r1, c0, c1, exclude_self=symmetric and r0 == c0)
+            if symmetric and c0 >= r1:
+                search.offer_column_minima(cross, r0, r1, c0, c1)
     return search.best_index()
 
 
@@ -138,6 +144,10 @@ def keep_better(best_val, best_idx, rows, val, idx) -> None:
     come in. numpy arrays or torch tensors alike; ``rows`` a slice or an index array (without repeats)."""
     current, current_idx = best_val[rows], best_idx[rows]
     better = (val < current) | ((val == current) & (idx < current_idx))
+    if isinstance(current, torch.Tensor):  # where, not masked writes: no host synchronisation on a GPU
+        best_val[rows] = torch.where(better, val, current)
+        best_idx[rows] = torch.where(better, idx, current_idx)
+        return
     current[better] = val[better]
     current_idx[better] = idx[better]
     best_val[rows], best_idx[rows] = current, current_idx

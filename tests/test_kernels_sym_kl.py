@@ -567,3 +567,64 @@ def test_rows_that_require_grad_are_accepted():
     x = torch.rand(20, 16, requires_grad=True)
     kappa, dist = sym_kl_first_neighbours(x)
     assert kappa.shape == (20,) and not dist.requires_grad
+
+
+# --------------------------------------------------------------------------------- the torch path on CUDA tensors
+# A CUDA tensor runs the blocked search's torch engine (the "torch-engine" cases above run it on the CPU) when triton
+# is missing or the Triton kernel was refused on the device (tests/test_kernels_guard.py).
+def test_torch_engine_multiplies_in_full_float32_whatever_the_process_tf32_setting(monkeypatch):
+    """A host program may allow TF32 for the whole process; the torch engine's GEMMs still run in full float32, and
+    the setting comes back afterwards (the spy records the setting each GEMM saw)."""
+    monkeypatch.setattr(sym_kl_search, "CPU_ENGINE", "torch")
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    name, tf32, ieee = ("fp32_precision", "tf32", "ieee") if new_api else ("allow_tf32", True, False)
+    seen = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: seen.append(getattr(matmul, name)) or mm(*a, **k))
+    rows = well_separated(128, 64, seed=25)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, tf32)
+    try:
+        kappa, dist = run(rows)
+        assert getattr(matmul, name) == tf32
+    finally:
+        setattr(matmul, name, previous)
+    assert seen and set(seen) == {ieee}
+    check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True, allow_ties=False)
+
+
+def test_matmul_precision_is_restored_after_an_error():
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    with pytest.raises(KeyError), _device.cuda_matmul_precision(tf32=before in ("ieee", "none", False)):
+        assert getattr(matmul, name) != before
+        raise KeyError
+    assert getattr(matmul, name) == before
+
+
+def test_torch_engine_keeps_the_running_best_without_masked_writes(monkeypatch):
+    """A masked (boolean-index) read or write makes a GPU wait for the host at every block: the engine uses where."""
+    monkeypatch.setattr(sym_kl_search, "CPU_ENGINE", "torch")
+    monkeypatch.setattr(sym_kl_search, "STRIP_ROWS", 32)
+    rows = random_walk(160, 64, seed=26)
+    x = torch.from_numpy(rows)
+    ((la, ha),) = sym_kl_torch.shifted_log_terms(x)
+    masked = []
+    get, put = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+    def is_mask(index):
+        return isinstance(index, torch.Tensor) and index.dtype == torch.bool
+
+    monkeypatch.setattr(
+        torch.Tensor, "__getitem__", lambda t, i: (masked.append(i) if is_mask(i) else None) or get(t, i)
+    )
+    monkeypatch.setattr(
+        torch.Tensor, "__setitem__", lambda t, i, v: (masked.append(i) if is_mask(i) else None) or put(t, i, v)
+    )
+    kappa = sym_kl_search.first_neighbours_blocked(x, la, ha)
+    monkeypatch.undo()
+    assert not masked
+    dist = sym_kl_pair_distances(x, torch.arange(160), kappa)
+    check_first_neighbours(kappa, dist, oracle_distances(rows), exclude_self=True)
