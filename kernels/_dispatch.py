@@ -23,11 +23,17 @@ def triton_available() -> bool:
     return True
 
 
+def auto_backend(tensor: torch.Tensor) -> str:
+    """What "auto" picks: Triton for a CUDA tensor when triton imports, torch otherwise. (The op then runs Triton only
+    once it has passed its self-check on the device: ``_guard``.) Tests replace this to force the Triton choice."""
+    return "triton" if tensor.is_cuda and triton_available() else "torch"
+
+
 def choose_backend(backend: str, tensor: torch.Tensor) -> str:
     """Resolve ``backend`` ("auto" | "triton" | "torch") for an op whose data lives on ``tensor.device``.
 
-    "auto" picks Triton for a CUDA tensor when triton imports, torch otherwise. "triton" on CPU tensors only works
-    under the Triton interpreter (TRITON_INTERPRET=1, which ``concept_express.kernels`` sets when there is no CUDA).
+    "auto": ``auto_backend``. "triton" on CPU tensors only works under the Triton interpreter (TRITON_INTERPRET=1,
+    which ``concept_express.kernels`` sets when there is no CUDA).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -37,4 +43,4 @@ def choose_backend(backend: str, tensor: torch.Tensor) -> str:
         if not triton_available():
             raise RuntimeError("backend='triton' was requested but triton cannot be imported")
         return "triton"
-    return "triton" if tensor.is_cuda and triton_available() else "torch"
+    return auto_backend(tensor)

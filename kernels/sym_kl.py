@@ -5,10 +5,12 @@ d(a, b) = 1/2 (KL(a || b) + KL(b || a)) for rows a, b that are distributions. Ev
 no NaN comes out. Which implementation runs is decided in one place (``_dispatch.choose_backend``).
 """
 
+import functools
+
 import torch
 
-from . import sym_kl_torch
-from ._dispatch import PRECISIONS, choose_backend
+from . import _dispatch, _guard, sym_kl_check, sym_kl_torch
+from ._dispatch import PRECISIONS
 from .distributions import prepare_distributions
 from .sym_kl_pruned import first_neighbours_pruned
 from .sym_kl_reference import first_neighbours_reference
@@ -31,7 +33,8 @@ def sym_kl_first_neighbours(
     row against all n others, nothing excluded. Exact ties go to the lowest index. Returns (kappa int64 [m],
     distance float32 [m]) on the rows' device.
 
-    backend: "auto" (Triton for CUDA tensors when triton imports, else torch), "triton" or "torch".
+    backend: "auto" (Triton for CUDA tensors when triton imports and the kernel passed its self-check on that device,
+    else torch: see ``_guard``), "triton" (raises where Triton fails) or "torch".
     precision: Triton's tl.dot input precision, "ieee" | "tf32x3" | "tf32" (the torch path is always plain fp32).
     mode: torch path only. "fast" (default): blocked float32 search, about one n x n x d GEMM of work and no n x n
     matrix; rows of a CPU tensor against each other (from sym_kl_pruned.MIN_ROWS rows on) first try the pruned
@@ -60,7 +63,7 @@ def sym_kl_first_neighbours(
     if a.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=a.device), torch.empty(0, device=a.device)
 
-    chosen = choose_backend(backend, a)
+    chosen = _dispatch.choose_backend(backend, a)
     if mode == "reference":
         return first_neighbours_reference(a, b)
     if b is None:
@@ -68,16 +71,40 @@ def sym_kl_first_neighbours(
         lb = hb = None
     else:
         (la, ha), (lb, hb) = sym_kl_torch.shifted_log_terms(a, b)
+    kappa = None
     if chosen == "triton":
-        from .sym_kl_triton import first_neighbours_triton  # imports triton
-
-        kappa = first_neighbours_triton(a, la, ha, b, lb, hb, precision=precision)
-    else:
+        triton_call = functools.partial(_triton_first_neighbours, a, la, ha, b, lb, hb, precision)
+        if backend == "triton":
+            kappa = triton_call()
+        else:  # auto: checked on first use on this device; None where the device was refused
+            queries = b is not None
+            kappa = _guard.run_guarded(
+                "sym_kl_first_neighbours",
+                f"{precision}, {'queries' if queries else 'self'}",
+                a.device,
+                functools.partial(sym_kl_check.self_check, a.device, precision, queries),
+                lambda: _in_range(triton_call(), a.shape[0] if b is None else b.shape[0]),
+            )
+    if kappa is None:
         kappa = first_neighbours_pruned(a, la, ha) if b is None else None
         if kappa is None:
             kappa = first_neighbours_blocked(a, la, ha, b, lb, hb)
     del la, ha, lb, hb  # free the logs (m x d) before the distances allocate their chunks
     return kappa, sym_kl_torch.pair_distances(a, a if b is None else b, None, kappa)
+
+
+def _triton_first_neighbours(a, la, ha, b, lb, hb, precision):
+    from .sym_kl_triton import first_neighbours_triton  # imports triton
+
+    return first_neighbours_triton(a, la, ha, b, lb, hb, precision=precision)
+
+
+def _in_range(kappa: torch.Tensor, n: int) -> torch.Tensor:
+    """kappa, after checking it can be used to gather (an out-of-range gather would kill a CUDA context)."""
+    low, high = torch.stack(torch.aminmax(kappa)).tolist() if kappa.numel() else (0, 0)
+    if low < 0 or high >= n:
+        raise RuntimeError(f"the kernel returned indices in [{low}, {high}], outside [0, {n})")
+    return kappa
 
 
 def sym_kl_pair_distances(rows: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
