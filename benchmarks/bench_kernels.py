@@ -15,8 +15,9 @@ disturbed by other processes than wall time, though spinning threads inflate it)
   blocked    sym_kl_first_neighbours(rows) with the pruning switched off: the blocked search over every pair
   fast       sym_kl_first_neighbours(rows) on a CPU tensor, the default (pruned search), distances included
   oracle     float64 numpy, for the accuracy columns only (not timed against the others)
-GPU (CUDA only): n = d = 4096 Triton kernel in IEEE, TF32x3 and TF32 against plain torch (one cuBLAS GEMM + argmin over
-the materialised n x n matrix, fp32 and TF32), accuracy against float64 on the GPU; then n = 16384.
+GPU (CUDA only): the kernel section of gpu_run.py (gpu_sections.kernels): n = d = 4096 and 16384 (--gpu-n), Triton
+kernel in IEEE, TF32x3 and TF32 (kernel alone and whole call), the torch path, and plain torch (one cuBLAS GEMM +
+argmin over the materialised n x n matrix, fp32 and TF32), accuracy against float64 on the GPU.
 This is a measurement script, not a test.
 """
 
@@ -248,95 +249,35 @@ def run_cpu(sizes, rounds: int, threads: int, oracle: bool, source: str) -> None
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
-def run_gpu(sizes_big, repeat: int, base_n: int = 4096, device: str = "cuda") -> None:
-    import torch
+def run_gpu(sizes: list[int]) -> None:
+    """The kernel section of gpu_run.py (gpu_sections.kernels) on its own, printed as a table."""
+    from gpu_sections import kernels
 
-    from concept_express.kernels import sym_kl_first_neighbours, sym_kl_torch
-    from concept_express.kernels.sym_kl_triton import default_config, first_neighbours_triton
+    print("\n== GPU ==")
+    print(f"{'n':>6} {'variant':<42}{'median ms':>10}{'rows != float64':>17}{'outside ties':>14}{'peak MiB':>10}")
+    plan = {"device": "cuda", "kernel_n": sizes, "time_per_variant_s": 1.0, "min_reps": 3}
 
-    dev = torch.device(device)
-    print(f"\n== GPU: {torch.cuda.get_device_name(dev)}, torch {torch.__version__} ==")
+    def show(row: dict) -> None:
+        if row["kind"] == "kernel-input":
+            print(f"n = {row['n']}: {row['near_ties']} rows are near ties (relative gap < {TIE_RTOL:g})")
+        elif row["kind"] == "kernel-config":
+            print(f"Triton tile config: {row['tile_config']}")
+        elif "error" in row:
+            print(f"{row['n']:>6} {row['variant']:<42}{row['error']}")
+        else:
+            print(
+                f"{row['n']:>6} {row['variant']:<42}{row['ms']:>10.3f}{row['rows_wrong']:>17}"
+                f"{row['wrong_outside_ties']:>14}{row['peak_extra_mib']:>10.1f}"
+            )
 
-    def timed(fn, reps=repeat * 5):
-        fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        return statistics.median(samples), out
-
-    def plain_torch(x, tf32: bool):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            ((l, h),) = sym_kl_torch.shifted_log_terms(x)
-            g = x @ l.T
-            s = h.unsqueeze(0) - g - g.T
-            s.fill_diagonal_(float("inf"))
-            return s.argmin(dim=1)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = False
-
-    def float64_truth(x):
-        a = x.double()
-        la = a.log()
-        h = (a * la).sum(1)
-        kappa = torch.empty(len(a), dtype=torch.long, device=a.device)
-        gap = torch.empty(len(a), dtype=torch.float64, device=a.device)
-        for s in range(0, len(a), 2048):
-            e = min(s + 2048, len(a))
-            d = 0.5 * (h[s:e, None] + h[None, :] - a[s:e] @ la.T - la[s:e] @ a.T)
-            d[torch.arange(e - s), torch.arange(s, e)] = float("inf")
-            two = d.topk(2, dim=1, largest=False).values
-            kappa[s:e] = d.argmin(dim=1)
-            gap[s:e] = (two[:, 1] - two[:, 0]) / two[:, 0].abs()
-        return kappa, gap
-
-    for n in [base_n] + list(sizes_big):
-        x = torch.from_numpy(attention_like_rows(n)).to(dev)
-        truth, gap = float64_truth(x)
-        ties = gap < TIE_RTOL
-        print(f"\nn = d = {n}: {int(ties.sum())} rows are near ties (relative gap < {TIE_RTOL:g})")
-        print(f"{'variant':<34}{'median ms':>10}{'rows != float64':>17}{'outside ties':>14}{'peak GiB':>10}")
-
-        def report(name, fn):
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            try:
-                ms, kappa = timed(fn)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{name:<34}{'OOM':>10}")
-                torch.cuda.empty_cache()
-                return None
-            kappa = kappa[0] if isinstance(kappa, tuple) else kappa
-            wrong = kappa != truth
-            peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
-            print(f"{name:<34}{ms:>10.3f}{int(wrong.sum()):>17}{int((wrong & ~ties).sum()):>14}{peak:>10.2f}")
-            return ms
-
-        kernel = {}
-        for p in ("ieee", "tf32x3", "tf32"):
-            report(f"triton {p} (whole call)", lambda p=p: sym_kl_first_neighbours(x, precision=p))
-            ((l, h),) = sym_kl_torch.shifted_log_terms(x)
-            kernel[p] = report(f"triton {p} (kernel only)", lambda p=p: first_neighbours_triton(x, l, h, precision=p))
-        plain = report("plain torch fp32 GEMM + argmin", lambda: plain_torch(x, tf32=False))
-        report("plain torch TF32 GEMM + argmin", lambda: plain_torch(x, tf32=True))
-        report("torch blocked path on CUDA (fp32)", lambda: sym_kl_first_neighbours(x, backend="torch"))
-        if plain and kernel["tf32x3"]:
-            print(f"plain fp32 torch / triton tf32x3 kernel: {plain / kernel['tf32x3']:.2f}x")
-        print(f"Triton tile config used: {default_config(dev)}")
+    kernels(plan, show)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[4096], help="CPU sizes (squares), e.g. 4096 9216")
-    parser.add_argument("--gpu-n", type=int, nargs="*", default=[16384], help="extra GPU sizes after 4096")
+    parser.add_argument("--gpu-n", type=int, nargs="+", default=[4096, 16384], help="GPU sizes (squares)")
     parser.add_argument("--rounds", type=int, default=3, help="CPU: calls per variant, alternating")
-    parser.add_argument("--repeat", type=int, default=3, help="GPU: timing repeats (x5)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-oracle", action="store_true", help="skip the float64 accuracy columns on the CPU")
     parser.add_argument("--skip-cpu", action="store_true")
@@ -357,7 +298,7 @@ def main() -> None:
     import torch
 
     if torch.cuda.is_available():
-        run_gpu(args.gpu_n, args.repeat)
+        run_gpu(args.gpu_n)
     else:
         print("\n== GPU: no CUDA device here; GPU section skipped ==")
 
