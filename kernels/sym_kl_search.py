@@ -16,7 +16,8 @@ Queries against other rows: strips of queries times all the other rows, row mini
 On CPU tensors the blocks run in numpy (OpenBLAS in the numpy wheels) on the tensors' memory, without copies: its
 sgemm measured 20-25 % faster than torch's MKL sgemm on the development machine (AMD EPYC), and keeping the whole
 search in one thread pool avoids the oversubscription that interleaving OpenBLAS and torch's OpenMP pool caused under
-load. On other devices (a CUDA tensor when triton is missing) the same blocks run in torch.
+load. On other devices (a CUDA tensor when triton is missing or its kernel was refused there) the same blocks run in
+torch, in full float32 whatever the TF32 setting.
 """
 
 import contextlib
