@@ -315,6 +315,7 @@ def model(name: str, device: torch.device):
     try:
         with torch.device(device):
             pipe = build_random_pipeline(config)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its tables on the CPU, as usual
         built = f"on {device}"
     except Exception as error:  # a part that cannot be built there: build it all on the CPU
         pipe = build_random_pipeline(config)
@@ -410,8 +411,9 @@ def training(plan, emit) -> None:
     masks = torch.zeros(count, h, w, dtype=torch.bool)
     for i in range(count):
         masks[i, i * h // count : (i + 1) * h // count] = True
-    features = torch.stack([maps.self_attention[m.flatten()].float().mean(0) for m in masks])
-    concepts = Concepts(masks, features.cpu(), torch.ones(count), maps.grid, maps.image, {})
+    attention = maps.self_attention.float().cpu()
+    features = torch.stack([attention[m.flatten()].mean(0) for m in masks])
+    concepts = Concepts(masks, features, torch.ones(count), maps.grid, maps.image, {})
     default = TrainSettings().update
     for mode in update_modes():
         steps = plan["train_steps"]
