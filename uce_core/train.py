@@ -479,8 +479,8 @@ class _Run:
         the update order runs one prompt at a time."""
         if self.micro_batch or self.s.update == "reference":
             return None
-        items = self.items()
-        prompts = len(items) if self.merged else self.g * self.n
+        items = self.items()  # the split phase's g*N prompts (or N + 1 after the merge): the largest steps left
+        prompts = len(items)
 
         def saved_by(count: int) -> None:
             chosen = (items * count)[:count]
