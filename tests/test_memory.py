@@ -19,20 +19,25 @@ from concept_express.uce_core.train import TrainSettings, train_concept_tokens
 MiB = 2**20
 
 
-def _fake_system(tmp_path, available_kib, cgroup=None, v1=None):
+def _fake_system(tmp_path, available_kib, cgroup=None, v1=None, v1_own=None):
     (tmp_path / "proc" / "self").mkdir(parents=True)
     (tmp_path / "proc" / "meminfo").write_text(
         f"MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   {available_kib} kB\n"
     )
-    (tmp_path / "proc" / "self" / "cgroup").write_text("0::/job\n")
+    (tmp_path / "proc" / "self" / "cgroup").write_text("4:memory:/jobs/7\n1:cpu:/\n0::/job\n")
+    if v1_own is not None:
+        folder = tmp_path / "sys" / "fs" / "cgroup" / "memory" / "jobs" / "7"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "memory.limit_in_bytes").write_text(f"{v1_own[0]}\n")
+        (folder / "memory.usage_in_bytes").write_text(f"{v1_own[1]}\n")
     if cgroup is not None:
         folder = tmp_path / "sys" / "fs" / "cgroup" / "job"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "memory.max").write_text(f"{cgroup[0]}\n")
         (folder / "memory.current").write_text(f"{cgroup[1]}\n")
     if v1 is not None:
         folder = tmp_path / "sys" / "fs" / "cgroup" / "memory"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "memory.limit_in_bytes").write_text(f"{v1[0]}\n")
         (folder / "memory.usage_in_bytes").write_text(f"{v1[1]}\n")
     return tmp_path
@@ -56,6 +61,11 @@ def test_no_cgroup_limit_leaves_memavailable(tmp_path):
 def test_cgroup_v1_limit(tmp_path):
     root = _fake_system(tmp_path, 8 * 2**20, v1=(3 * GiB, 1 * GiB))
     assert system_available_memory(root)[0] == 2 * GiB
+
+
+def test_the_process_s_own_cgroup_v1_folder_counts(tmp_path):
+    root = _fake_system(tmp_path, 8 * 2**20, v1=(2**63 - 4096, GiB), v1_own=(4 * GiB, 3 * GiB))
+    assert system_available_memory(root)[0] == 1 * GiB
 
 
 def test_saved_bytes_counts_each_saved_storage_once():

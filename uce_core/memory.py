@@ -159,31 +159,29 @@ def _read_int(path: Path) -> int | None:
 
 
 def _cgroup_room(root: Path) -> int | None:
-    """Limit minus usage of this process's memory cgroup (v2, then v1); None without a limit."""
+    """Limit minus usage of this process's memory cgroup, from its own folder or the hierarchy's root (v2:
+    memory.max / memory.current; v1: memory.limit_in_bytes / memory.usage_in_bytes); None without a limit."""
     base = root / "sys" / "fs" / "cgroup"
-    own = None
+    v2, v1 = [base], [base / "memory"]
     try:
         for line in (root / "proc" / "self" / "cgroup").read_text().splitlines():
             parts = line.split(":", 2)
-            if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
-                own = parts[2].lstrip("/")
+            if len(parts) != 3 or not parts[2].strip("/"):
+                continue
+            if parts[0] == "0" and parts[1] == "":
+                v2.insert(0, base / parts[2].strip("/"))
+            elif "memory" in parts[1].split(","):
+                v1.insert(0, base / "memory" / parts[2].strip("/"))
     except OSError:
         pass
-    for folder in [base / own] if own else []:
-        if (folder / "memory.max").is_file():
-            limit = (folder / "memory.max").read_text().strip()
-            usage = _read_int(folder / "memory.current")
-            if limit != "max" and usage is not None:
-                return max(int(limit) - usage, 0)
-    if (base / "memory.max").is_file():
-        limit = (base / "memory.max").read_text().strip()
-        usage = _read_int(base / "memory.current")
-        if limit != "max" and usage is not None:
-            return max(int(limit) - usage, 0)
-    v1 = base / "memory"
-    limit, usage = _read_int(v1 / "memory.limit_in_bytes"), _read_int(v1 / "memory.usage_in_bytes")
-    if limit is not None and usage is not None and limit < 2**60:  # v1 reports "no limit" as a huge number
-        return max(limit - usage, 0)
+    for folders, limit_file, usage_file in (
+        (v2, "memory.max", "memory.current"),
+        (v1, "memory.limit_in_bytes", "memory.usage_in_bytes"),
+    ):
+        for folder in folders:
+            limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
+            if limit is not None and usage is not None and limit < 2**60:  # v2 "max" reads as None, v1 as ~2**63
+                return max(limit - usage, 0)
     return None
 
 
