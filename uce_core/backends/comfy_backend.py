@@ -10,9 +10,9 @@ loaded by the stock loaders. Only this module and ``nodes/`` import ComfyUI, and
   (epsilon or v) is recovered exactly from (x_sigma, x_0 estimate).
 * Text with learnable vectors goes through ComfyUI's CLIP (so CLIP-skip settings apply) as tensor tokens, the
   mechanism ComfyUI uses for textual inversion (with one copy of the vectors per prompt when asked; token taps are
-  forward hooks on the encoders' token-embedding layers, present only during that call). ComfyUI's ``CLIPLayer`` adds residuals in place, which autograd
-  cannot differentiate, so while a prompt is encoded with gradients ``CLIPLayer.forward`` is swapped for an
-  out-of-place version and restored right after.
+  forward hooks on the encoders' token-embedding layers, present only during that call). ComfyUI's ``CLIPLayer``
+  adds residuals in place, which autograd cannot differentiate, so while a prompt is encoded with gradients
+  ``CLIPLayer.forward`` is swapped for an out-of-place version and restored right after.
 * ComfyUI runs nodes under ``torch.inference_mode`` and its loaders make inference tensors, which autograd cannot
   save. ``prepare_for_training`` (called by the training node inside ``torch.inference_mode(False)``) replaces
   the model's and CLIP's inference-tensor weights by ordinary tensors with the same values, one at a time.
