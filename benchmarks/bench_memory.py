@@ -32,7 +32,7 @@ def worker(args) -> dict:
     from concept_express.uce_core.memory import saved_bytes
     from concept_express.uce_core.train import TrainSettings, _Run
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device(args.device)
     backend = load(args.model, device, args.dtype)
     side = args.size // backend.info.vae_scale_factor
@@ -69,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:sd2-base")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--batches", default="1,2")
@@ -80,7 +81,9 @@ def main() -> None:
     rows = []
     for m in [int(x) for x in args.batches.split(",")]:
         cmd = [sys.executable, __file__, "--batch", str(m), "--model", args.model, "--device", args.device]
-        cmd += ["--size", str(args.size)] + (["--dtype", args.dtype] if args.dtype else [])
+        cmd += ["--size", str(args.size), "--threads", str(args.threads)] + (
+            ["--dtype", args.dtype] if args.dtype else []
+        )
         rows.append(run_worker(cmd))
         r = rows[-1]
         print(

@@ -38,7 +38,7 @@ def worker(args) -> dict:
     from concept_express.uce_core.concepts import Concepts
     from concept_express.uce_core.train import TrainSettings, _Run, train_concept_tokens
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device(args.device)
     backend = load(args.model, device, args.dtype)
     maps = capture_attention(backend, str(ROOT / "assets" / "example.png"), resolution=args.resolution)
@@ -100,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-sd1")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="precision policy (default auto)")
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--concepts", type=int, default=3)
@@ -134,7 +135,7 @@ def main() -> None:
             "--micro-batch",
             str(args.micro_batch),
         ]
-        cmd += ["--dtype", args.dtype] if args.dtype else []
+        cmd += ["--threads", str(args.threads)] + (["--dtype", args.dtype] if args.dtype else [])
         cmd += ["--resolution", str(args.resolution)] if args.resolution else []
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         rows[mode] = run_worker(cmd)

@@ -223,3 +223,35 @@ def test_a_real_size_run_with_a_small_budget_chooses_a_micro_batch_that_fits():
     assert result["notes"][0].startswith("2 of 4 prompts per UNet call")
     assert result["finite"]
     assert result["peak"] <= result["budget"], result
+
+
+def test_a_resumed_run_keeps_a_smaller_micro_batch_of_the_run_it_resumes(concepts_for, tmp_path):
+    """Batching changes float rounding; a resumed run that would choose more prompts per call keeps the checkpoint's,
+    so it ends bit for bit where the uninterrupted run ends."""
+    from concept_express.uce_core.train import TrainingCancelled
+
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    small = TrainSettings(steps=3, merge_step=2, split_tokens=2, memory_budget=1e-6)  # one prompt per call
+    straight = train_concept_tokens(backend, concepts, small)
+    path = tmp_path / "ckpt.safetensors"
+    done = []
+    with pytest.raises(TrainingCancelled):
+        train_concept_tokens(
+            backend,
+            concepts,
+            small,
+            checkpoint=path,
+            progress=lambda step, total, info: done.append(step) if "note" not in info else None,
+            should_stop=lambda: len(done) >= 1,
+        )
+    notes = []
+    roomy = dataclasses.replace(small, memory_budget=0.0)  # not part of the run's identity: the same run
+    resumed = train_concept_tokens(
+        backend,
+        concepts,
+        roomy,
+        checkpoint=path,
+        progress=lambda step, total, info: notes.append(info["note"]) if "note" in info else None,
+    )
+    assert notes[0].startswith("4 of 4 prompts") and notes[1] == "1 prompts per UNet call, as in the run being resumed"
+    assert torch.equal(resumed.vectors[0], straight.vectors[0])

@@ -224,6 +224,7 @@ class _Run:
         self.merged = self.g == 1 or settings.merge_step == 0
         self.history: dict[str, list[float]] = {"loss": [], "denoise": [], "attention": [], "contrastive": []}
         self.micro_batch = settings.micro_batch
+        self.resumed_micro_batch = 0  # the micro-batch of the checkpoint resumed from
         self.notes: list[str] = []  # what the progress text should say (micro-batch chosen, halved)
 
     # -- setup ------------------------------------------------------------------------------------------------
@@ -493,6 +494,10 @@ class _Run:
         plan = plan_micro_batch(self.device, prompts, saved_by, budget_gib=self.s.memory_budget)
         self.micro_batch = plan.micro_batch
         self.notes.append(plan.describe())
+        if self.resumed_micro_batch and self.resumed_micro_batch < self.micro_batch:
+            # the run being resumed used a smaller one: keep it, so that the trajectory stays the same bit for bit
+            self.micro_batch = self.resumed_micro_batch
+            self.notes.append(f"{self.micro_batch} prompts per UNet call, as in the run being resumed")
         return plan
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -548,6 +553,7 @@ class _Run:
                     "exp_avg_sq": tensors[f"adam.{e}.exp_avg_sq"].to(v),
                 }
         self.loss_scale.load(meta.get("loss_scale"))
+        self.resumed_micro_batch = int(meta.get("micro_batch") or 0)
         self.generator.set_state(tensors["generator"])
         self.step, self.merged, self.history = meta["step"], meta["merged"], meta["history"]
         return True
