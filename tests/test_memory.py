@@ -255,3 +255,15 @@ def test_a_resumed_run_keeps_a_smaller_micro_batch_of_the_run_it_resumes(concept
     )
     assert notes[0].startswith("4 of 4 prompts") and notes[1] == "1 prompts per UNet call, as in the run being resumed"
     assert torch.equal(resumed.vectors[0], straight.vectors[0])
+
+
+def test_saved_weights_of_the_models_are_not_counted():
+    from concept_express.uce_core.memory import resident_storages
+
+    layer = torch.nn.Linear(MiB // 16, 4).requires_grad_(False)  # a 1 MiB weight, saved by the backward of linear
+
+    def forward():
+        return layer(torch.ones(2, MiB // 16, requires_grad=True)).sum()
+
+    assert saved_bytes(forward) >= MiB
+    assert saved_bytes(forward, resident_storages([layer])) < MiB // 8

@@ -8,8 +8,9 @@ The rule (``plan_micro_batch``):
   memory (Linux ``MemAvailable``), or the cgroup's limit minus its usage when that is smaller), or the budget the
   caller gives (``TrainSettings.memory_budget``);
 * cost: one forward of the training computation (text encoder, UNet, losses) with 1 and with 2 prompts, counting
-  the bytes autograd saves for the backward pass (``saved_bytes``). Per prompt: d = saved(2) - saved(1); fixed:
-  saved(1) - d (what does not grow with the batch, e.g. autocast's half-precision copies of the weights). A step at
+  the bytes autograd saves for the backward pass (``saved_bytes``; the models' own weights, already in memory, are
+  not counted). Per prompt: d = saved(2) - saved(1); fixed: saved(1) - d (what does not grow with the batch, e.g.
+  autocast's half-precision copies of the weights). A step at
   micro-batch m is estimated at fixed + ``BACKWARD_FACTOR`` x m x d: the backward pass holds, besides the saved
   tensors, the gradients of the activations it is working through (factor measured on the real SD2.1-base
   architecture, benchmarks/README.md "Training memory");
@@ -69,9 +70,11 @@ def plan_micro_batch(
     *,
     budget_gib: float = 0.0,
     available: tuple[int | None, str] | None = None,
+    resident: set[tuple[str, int]] = frozenset(),
 ) -> MicroBatchPlan:
     """The micro-batch for steps of up to ``prompts`` prompts; ``forward(m)`` runs the training forward on m prompts
-    (its saved tensors are counted, its result dropped). See the module docstring."""
+    (its saved tensors are counted, except the ``resident`` ones (the models' weights), its result dropped). See the
+    module docstring."""
     if budget_gib > 0:
         budget, source = int(budget_gib * GiB), "the memory budget given"
     else:
@@ -81,8 +84,8 @@ def plan_micro_batch(
             source = f"{SAFETY:.0%} of {free / GiB:.1f} GiB {source}"
     if prompts <= 1:
         return MicroBatchPlan(1, prompts, 0, 0, budget, source)
-    one = saved_bytes(lambda: forward(1))
-    two = saved_bytes(lambda: forward(2))
+    one = saved_bytes(lambda: forward(1), resident)
+    two = saved_bytes(lambda: forward(2), resident)
     release_cached_memory(device)
     saved = max(two - one, 1)
     per_prompt = int(BACKWARD_FACTOR * saved)
@@ -94,13 +97,26 @@ def plan_micro_batch(
     return MicroBatchPlan(int(micro), prompts, per_prompt, fixed, budget, source)
 
 
-def saved_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of the distinct storages autograd saves for the backward pass while ``fn()`` runs."""
+def resident_storages(modules) -> set[tuple[str, int]]:
+    """(device, storage address) of the parameters and buffers of ``modules``: memory already in use, which a saved
+    reference to it (a frozen weight kept for the backward pass) does not add to."""
+    found = set()
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            found.add((str(t.device), t.untyped_storage().data_ptr()))
+    return found
+
+
+def saved_bytes(fn: Callable[[], object], resident: set[tuple[str, int]] = frozenset()) -> int:
+    """Bytes of the distinct storages autograd saves for the backward pass while ``fn()`` runs, less those in
+    ``resident``."""
     seen: dict[tuple[str, int], int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        key = (str(t.device), storage.data_ptr())
+        if key not in resident:
+            seen[key] = storage.nbytes()
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -48,7 +48,7 @@ from .backends.base import AttentionLayer, Prompt, Slot
 from .concepts import Concepts
 from .errors import ConceptExpressError
 from .losses import contrastive_loss, emd_alignment_loss, grid_cost, masked_denoising_loss, nearest_downsample
-from .memory import MicroBatchPlan, is_out_of_memory, plan_micro_batch, release_cached_memory
+from .memory import MicroBatchPlan, is_out_of_memory, plan_micro_batch, release_cached_memory, resident_storages
 from .optim import LossScale, clip_coefficient, table_grad_sq
 from .tokens import INITIALISATIONS, ConceptTokens, initial_vectors
 
@@ -491,7 +491,9 @@ class _Run:
             copies = [v.detach().unsqueeze(0).repeat(count, 1, 1).requires_grad_() for v in self.vectors]
             self.forward(chosen, draws, slice(0, count), copies)
 
-        plan = plan_micro_batch(self.device, prompts, saved_by, budget_gib=self.s.memory_budget)
+        modules = getattr(self.backend, "modules", None)
+        resident = resident_storages(modules()) if modules is not None else set()
+        plan = plan_micro_batch(self.device, prompts, saved_by, budget_gib=self.s.memory_budget, resident=resident)
         self.micro_batch = plan.micro_batch
         self.notes.append(plan.describe())
         if self.resumed_micro_batch and self.resumed_micro_batch < self.micro_batch:

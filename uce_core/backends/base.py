@@ -174,6 +174,10 @@ class ModelBackend(Protocol):
         """The mixed precision training runs under (text encoder and denoiser); a no-op context when there is none."""
         ...
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen models, whose weights are in memory anyway (the training memory estimate leaves them out)."""
+        ...
+
     def predict(
         self,
         noisy: torch.Tensor,

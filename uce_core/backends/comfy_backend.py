@@ -92,6 +92,10 @@ class ComfyBackend:
     def autocast(self):
         return contextlib.nullcontext()  # ComfyUI manages the dtypes
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The models whose weights stay in memory (the UNet's BaseModel and the text encoders)."""
+        return [self.base, *self.encoders]
+
     # -- images -----------------------------------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.latent_distribution(pixels)[0]

@@ -142,6 +142,10 @@ class DiffusersBackend:
         posterior = self.vae.encode(pixels.to(self.device, self.precision.vae)).latent_dist
         return (posterior.mean.float() * self.vae_scaling), (posterior.std.float() * self.vae_scaling)
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen models (their weights are in memory for the whole run)."""
+        return [self.unet, self.vae, *self.text_encoders]
+
     def autocast(self):
         if self.precision.autocast is None:
             return contextlib.nullcontext()
