@@ -12,8 +12,8 @@ The rule (``plan_micro_batch``):
   not counted). Per prompt: d = saved(2) - saved(1); fixed: saved(1) - d (what does not grow with the batch, e.g.
   autocast's half-precision copies of the weights). A step at
   micro-batch m is estimated at fixed + ``BACKWARD_FACTOR`` x m x d: the backward pass holds, besides the saved
-  tensors, the gradients of the activations it is working through (factor measured on the real SD2.1-base
-  architecture, benchmarks/README.md "Training memory");
+  tensors, the gradients of the activations it is working through (the factor is a margin checked on tiny models
+  only, not yet calibrated at full size: benchmarks/README.md "Training memory");
 * micro-batch: the largest m <= the prompts of a step whose estimate fits the budget, at least 1.
 
 Where the device reports running out (CUDA, MPS, a CPU allocation that fails) the step is retried at half the
