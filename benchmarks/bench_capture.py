@@ -107,7 +107,6 @@ class StackingRecorder:
 
 
 def load(model: str, device, dtype):
-    import torch
 
     from concept_express.uce_core.backends.diffusers_backend import DiffusersBackend, info_from_pipeline
     from concept_express.uce_core.backends.loading import load_backend
@@ -115,8 +114,8 @@ def load(model: str, device, dtype):
 
     if model.startswith("random:"):
         pipe = build_random_pipeline(model.split(":", 1)[1])
-        return DiffusersBackend(pipe, info_from_pipeline(pipe, model), device=device, dtype=dtype)
-    return load_backend(model, device=device, dtype=dtype or torch.float32)
+        return DiffusersBackend(pipe, info_from_pipeline(pipe, model), device=device, dtype=dtype or "auto")
+    return load_backend(model, device=device, dtype=dtype or "auto")
 
 
 def worker(args) -> dict:
@@ -128,8 +127,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    backend = load(args.model, device, dtype)
+    backend = load(args.model, device, args.dtype)
     picture = fit_to_model(load_image(args.image), args.resolution or backend.info.resolution)
     with torch.no_grad():
         latents = backend.encode_image(to_tensor(picture).to(device))
@@ -175,7 +173,7 @@ def main() -> None:
     parser.add_argument("--image", default=str(Path(__file__).resolve().parent.parent / "assets" / "example.png"))
     parser.add_argument("--resolution", type=int, help="working resolution (default: the model's)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="precision policy (default auto)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # worker process

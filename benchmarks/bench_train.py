@@ -1,15 +1,20 @@
-"""Token learning throughput and peak memory: the batched update (default) against the reference's one update per
-prompt, at equal settings, in one run. A benchmark, not a test.
+"""Token learning throughput, peak memory and trajectory: the three update orders side by side at equal settings.
+A benchmark, not a test.
 
     python benchmarks/bench_train.py                                   # tiny-sd1, CPU
-    python benchmarks/bench_train.py --model random:sd2-base --device cuda --dtype bfloat16 --concepts 5
+    python benchmarks/bench_train.py --model random:sd2-base --device cuda --concepts 5
     python benchmarks/bench_train.py --extract                         # the CPU demo: extract end to end, timed
 
-Each mode runs in a fresh process: model load, capture of the example image, N hand-made concepts (horizontal
-bands; localization is not what is measured), then ``--steps`` training steps, split phase and merged phase in
-the proportion of the default schedule (merge at 1/5 of the steps). Reported: steps per second over all steps,
-and peak memory (``bench_capture.Meter``): CUDA ``max_memory_allocated`` or, on CPU, the process's peak resident set
-(VmHWM), in all (the 12 GB target is on this) and above what was in use before training. Results go in benchmarks/README.md.
+Modes: ``reference`` (the official loop: one forward, backward and AdamW step per prompt), ``sequential`` (the
+default: the same updates in the same order, every prompt's gradient from one batched pass at the step's start) and
+``averaged`` (one update per step). Each mode runs in a fresh process: model load, capture of the example image,
+N hand-made concepts (horizontal bands; localization is not what is measured), then ``--steps`` training steps,
+split phase and merged phase in the proportion of the default schedule (merge at 1/5 of the steps). Reported: steps
+per second over all steps, peak memory (``bench_capture.Meter``): CUDA ``max_memory_allocated`` or, on CPU, the
+process's peak resident set (VmHWM), in all (the 12 GB target is on this) and above what was in use before
+training; steps per CPU second of the process (meaningful on a shared machine with ``--threads 1``); and the
+trajectory distance: the relative L2 distance of each mode's displacement (final tokens minus
+the merged starting tokens, all concepts) from the reference's. Results go in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ def worker(args) -> dict:
 
     from concept_express.uce_core.attention import capture_attention
     from concept_express.uce_core.concepts import Concepts
-    from concept_express.uce_core.train import TrainSettings, train_concept_tokens
+    from concept_express.uce_core.train import TrainSettings, _Run, train_concept_tokens
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device(args.device)
-    backend = load(args.model, device, getattr(torch, args.dtype) if args.dtype else None)
+    backend = load(args.model, device, args.dtype)
     maps = capture_attention(backend, str(ROOT / "assets" / "example.png"), resolution=args.resolution)
     h, w = maps.grid
     masks = torch.zeros(args.concepts, h, w, dtype=torch.bool)
@@ -51,11 +56,23 @@ def worker(args) -> dict:
         micro_batch=args.micro_batch,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    start = [
+        v.detach().view(settings.split_tokens, args.concepts, -1).mean(0).cpu()
+        for v in _Run(backend, concepts, settings).vectors
+    ]
+    notes = []
+    progress = lambda step, total, info: notes.append(info["note"]) if "note" in info else None
+    cpu = time.process_time()
     with Meter(device) as meter:
-        train_concept_tokens(backend, concepts, settings)
+        tokens = train_concept_tokens(backend, concepts, settings, progress=progress)
+    cpu = time.process_time() - cpu
+    displacement = torch.cat([(v - s).flatten() for v, s in zip(tokens.vectors, start)])
     return {
+        "displacement": displacement.tolist(),
+        "notes": notes,
         "mode": args.mode,
         "steps_per_s": args.steps / meter.seconds,
+        "steps_per_cpu_s": args.steps / cpu,
         "seconds": meter.seconds,
         "extra_gib": meter.extra_mib / 1024,
         "peak_gib": meter.peak_mib / 1024,
@@ -87,13 +104,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-sd1")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="precision policy (default auto)")
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--concepts", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--micro-batch", type=int, default=0)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--modes", default="batched,reference")
+    parser.add_argument("--modes", default="reference,sequential,averaged")
     parser.add_argument("--extract", action="store_true", help="time the CPU demo extract instead")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,7 +139,7 @@ def main() -> None:
             "--micro-batch",
             str(args.micro_batch),
         ]
-        cmd += ["--dtype", args.dtype] if args.dtype else []
+        cmd += ["--threads", str(args.threads)] + (["--dtype", args.dtype] if args.dtype else [])
         cmd += ["--resolution", str(args.resolution)] if args.resolution else []
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         rows[mode] = run_worker(cmd)
@@ -130,13 +148,32 @@ def main() -> None:
         f"model {first['model']} on {first['device']}, latent grid {first['grid'][0]}x{first['grid'][1]}, "
         f"N = {args.concepts}, {args.steps} steps (merge at {max(1, args.steps // 5)})"
     )
-    print(f"{'mode':10s} {'steps/s':>9s} {'seconds':>9s} {'extra GiB':>10s} {'peak GiB':>9s}")
+    import torch
+
+    reference = torch.tensor(rows["reference"]["displacement"]) if "reference" in rows else None
+    print(
+        f"{'mode':10s} {'steps/s':>9s} {'seconds':>9s} {'steps/CPU s':>12s} {'extra GiB':>10s} {'peak GiB':>9s} "
+        f"{'vs reference':>13s}"
+    )
     for mode, r in rows.items():
-        print(f"{mode:10s} {r['steps_per_s']:9.3f} {r['seconds']:9.1f} {r['extra_gib']:10.2f} {r['peak_gib']:9.2f}")
-    if "batched" in rows and "reference" in rows:
+        distance = ""
+        if reference is not None:
+            distance = f"{float((torch.tensor(r['displacement']) - reference).norm() / reference.norm()):13.3f}"
         print(
-            f"batched vs reference: {rows['batched']['steps_per_s'] / rows['reference']['steps_per_s']:.2f}x the steps/s"
+            f"{mode:10s} {r['steps_per_s']:9.3f} {r['seconds']:9.1f} {r['steps_per_cpu_s']:12.3f} "
+            f"{r['extra_gib']:10.2f} {r['peak_gib']:9.2f} "
+            f"{distance}"
         )
+    for mode, r in rows.items():
+        for note in r["notes"]:
+            print(f"{mode}: {note}")
+    if "reference" in rows:
+        for mode in rows:
+            if mode != "reference":
+                ratio = rows[mode]["steps_per_s"] / rows["reference"]["steps_per_s"]
+                cpu = rows[mode]["steps_per_cpu_s"] / rows["reference"]["steps_per_cpu_s"]
+                print(f"{mode} vs reference: {ratio:.2f}x the steps/s, {cpu:.2f}x the steps per CPU second")
+    print("vs reference: |displacement - reference's| / |reference's displacement| (final minus starting tokens)")
 
 
 if __name__ == "__main__":

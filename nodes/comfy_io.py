@@ -3,6 +3,7 @@ cancellation. ComfyUI modules are imported inside the functions, so declaring th
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,9 @@ class Progress:
         self.bar = comfy.utils.ProgressBar(total)
 
     def __call__(self, step: int, total: int, losses: dict) -> None:
+        if "note" in losses:  # e.g. the micro-batch chosen for the memory there is
+            logging.info("[ConceptExpress] training: %s", losses["note"])
+            return
         self.bar.update_absolute(step, total)
 
 

@@ -103,10 +103,12 @@ class TrainConceptTokens:
             },
             "optional": {
                 "update": (
-                    ["batched", "reference"],
+                    ["sequential", "reference", "averaged"],
                     {
-                        "default": "batched",
-                        "tooltip": "one averaged update per step, or the official code's one update per prompt (slower)",
+                        "default": "sequential",
+                        "tooltip": "sequential: the official code's one update per prompt, all prompts of a step in "
+                        "one batched pass; reference: the official loop, one pass per prompt (slower); averaged: one "
+                        "update per step (fewer updates: the tokens move less far)",
                     },
                 ),
             },
@@ -138,7 +140,7 @@ class TrainConceptTokens:
         name_prefix="concept",
         seed=20,
         overwrite=False,
-        update="batched",
+        update="sequential",
     ):
         import torch
 

@@ -137,7 +137,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     run = ["extract", "--demo", "--steps", "4", "--merge-step", "2", "--out", str(out)]
     diverged = _cli(*run, "--lr", "1e30")
     assert diverged.returncode == 1 and "diverged" in diverged.stderr and "--resume" not in diverged.stderr
-    assert "Start again (--overwrite" in diverged.stderr and "--dtype float32" in diverged.stderr
+    assert "Start again (--overwrite" in diverged.stderr and "--dtype fp32" in diverged.stderr
     checkpoint = out / cli.CHECKPOINT
     kept = checkpoint.read_bytes()
     other = _cli(*run, "--lr", "1e-3", "--resume")

@@ -94,3 +94,31 @@ def test_training_through_comfyui_leaves_nothing_patched_and_only_vectors_learn(
     for k, v in weights.items():
         assert torch.equal(model.model.diffusion_model.state_dict()[k], v)
     assert tokens.vectors[0].shape == (2, 768) and torch.isfinite(tokens.vectors[0]).all()
+
+
+def test_token_taps_give_the_embedding_table_gradient(comfy_sd15):
+    """The clipping norm's other-token part through ComfyUI's CLIP, against autograd on its real embedding table.
+    The test checkpoint stores that table in float16, so autograd sums a row's gradient in float16 (the padding row
+    collects about 70 uses): agreement to about 1e-3 per row, hence the tolerance."""
+    from concept_express.uce_core.backends.base import Prompt, Slot
+    from concept_express.uce_core.backends.comfy_backend import ComfyBackend
+    from concept_express.uce_core.optim import table_grad_sq
+
+    model, clip, vae = comfy_sd15
+    backend = ComfyBackend(model, clip, vae)
+    prompts = [Prompt(("a photo of", Slot(0))), Prompt(("a photo of", Slot(0), "and", Slot(1)))]
+    vectors = [(torch.randn(2, 768, generator=torch.Generator().manual_seed(1)) * 0.02).requires_grad_()]
+    table = backend.encoders[0].transformer.get_input_embeddings().weight
+    try:
+        table.requires_grad_(True)
+        table.grad = None
+        with torch.enable_grad():
+            cond = backend.encode_prompts(prompts, vectors=vectors, tap=True)
+            weights = torch.randn(cond.context.shape, generator=torch.Generator().manual_seed(2))
+            (cond.context * weights).sum().backward()
+        expected = float(table.grad.double().pow(2).sum())
+    finally:
+        table.requires_grad_(False)
+        table.grad = None
+    assert cond.taps is not None and len(cond.taps) == 2
+    assert table_grad_sq([t for per in cond.taps for t in per]) == pytest.approx(expected, rel=1e-2)

@@ -162,7 +162,18 @@ def test_crop_box_is_the_region_fit_keeps(size, target):
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    fitted = np.asarray(ImageOps.fit(image, target, Image.BICUBIC), dtype=float)  # what fit_to_model does
+    fitted = np.asarray(ImageOps.fit(image, target, Image.BILINEAR), dtype=float)  # what fit_to_model does
     box = crop_box(*size, target)
-    manual = np.asarray(image.resize(target, Image.BICUBIC, box=box), dtype=float)
+    manual = np.asarray(image.resize(target, Image.BILINEAR, box=box), dtype=float)
     assert np.abs(fitted - manual).mean() < 1.0
+
+
+def test_stretch_resamples_like_the_reference_torchvision_resize():
+    """The reference's transforms.Resize([512, 512]) on a PIL image is PIL's resize with the bilinear filter."""
+    from concept_express.uce_core.images import fit_to_model
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (300, 700, 3), dtype=np.uint8))
+    stretched = np.asarray(fit_to_model(image, 512, mode="stretch"))
+    assert np.array_equal(stretched, np.asarray(image.resize((512, 512), Image.BILINEAR)))
+    assert not np.array_equal(stretched, np.asarray(image.resize((512, 512), Image.BICUBIC)))

@@ -184,7 +184,7 @@ def test_api_conversion_names_every_widget_value():
     prompt = cw.to_api(cw.load("extract"), DECLARATIONS)
     (train,) = cw.nodes_of(prompt, "TrainConceptTokens")
     inputs = prompt[train]["inputs"]
-    assert inputs["steps"] == 500 and inputs["seed"] == 20 and inputs["update"] == "batched"
+    assert inputs["steps"] == 500 and inputs["seed"] == 20 and inputs["update"] == "sequential"
     assert "control_after_generate" not in inputs
     assert inputs["concepts"][1] == 0 and prompt[inputs["concepts"][0]]["class_type"] == "LocalizeConcepts"
     assert not any(v["class_type"] in cw.FRONTEND_ONLY for v in prompt.values())

@@ -60,11 +60,16 @@ def attention_with_probs(
     """Scaled dot-product attention that also returns the probabilities averaged over heads.
 
     q: (B, Nq, heads*dq), k: (B, Nk, heads*dq), v: (B, Nk, heads*dv) -> out (B, Nq, heads*dv) in v's dtype and
-    probs (B, Nq, Nk) in float32. Scores and softmax are float32 and computed for as many queries at a time as fit
-    in ``chunk_bytes``. Without autograd the softmax runs in place and the head-means go straight into their
+    probs (B, Nq, Nk) in float32. Scores and softmax are float32 (also under autocast, which is switched off here)
+    and computed for as many queries at a time as fit in ``chunk_bytes``. Without autograd the softmax runs in place and the head-means go straight into their
     output, so a layer needs only its (B, Nq, Nk) result plus one chunk; with autograd (training's small
     cross-attention layers) the same maths runs out of place.
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _attention_with_probs(q, k, v, heads, scale, chunk_bytes)
+
+
+def _attention_with_probs(q, k, v, heads, scale, chunk_bytes):
     b, nq, _ = q.shape
     nk = k.shape[1]
     qh = q.reshape(b, nq, heads, -1).transpose(1, 2).float()

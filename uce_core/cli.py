@@ -55,8 +55,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     group.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        help="model weights dtype (default: float32 on CPU, bfloat16/float16 on GPU)",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="precision: fp32, or fp16/bf16 mixed precision (float32 weights, training under autocast, the VAE in "
+        "half precision), as the reference's --mixed_precision (default auto: fp16 on CUDA, fp32 elsewhere)",
     )
     group.add_argument(
         "--prediction-type",
@@ -149,9 +151,10 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--update",
-        choices=["batched", "reference"],
+        choices=["sequential", "reference", "averaged"],
         default=d.update,
-        help="one averaged update per step (default) or the reference's one update per prompt",
+        help="sequential (default): the reference's one AdamW update per prompt, gradients from one batched pass; "
+        "reference: the reference's loop, one pass per prompt (slow); averaged: one update per step (fewer updates)",
     )
     group.add_argument(
         "--init",
@@ -164,7 +167,17 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed}, the official run's)")
     group.add_argument("--no-flip", action="store_true", help="no random horizontal flips during training")
-    group.add_argument("--micro-batch", type=int, default=0, help="prompts per UNet call (default 0: all of a step)")
+    group.add_argument(
+        "--micro-batch", type=int, default=0, help="prompts per UNet call (default 0: as many as the memory allows)"
+    )
+    group.add_argument(
+        "--memory-budget",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="memory a training step may use on top of the models, for choosing the micro-batch "
+        "(default 0: 80%% of what the device has free)",
+    )
     group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     group.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between resumable checkpoints"
@@ -270,15 +283,12 @@ def _resolve_inputs(args) -> tuple[str, str]:
 
 
 def load_model(args, model: str):
-    import torch
-
     from .backends.loading import load_backend
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_backend(
         model,
         device=args.device,
-        dtype=dtype,
+        dtype=args.dtype or "auto",
         prediction_type=args.prediction_type,
         tokenizer=args.tokenizer,
         config=args.config,
@@ -308,6 +318,7 @@ def _output_folder(out: Path, overwrite: bool, names: tuple[str, ...] = ()) -> P
 def _load_announced(args, model: str):
     backend = load_model(args, model)
     _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
+    _say(f"precision: {backend.precision.describe(backend.device)}")
     if backend.info.name.startswith("tiny-"):
         _say("note: tiny models have RANDOM weights; the pipeline runs end to end but the concepts mean nothing")
     return backend
@@ -421,6 +432,7 @@ def run_extract(args) -> int:
         seed=args.seed,
         flip=not args.no_flip,
         micro_batch=args.micro_batch,
+        memory_budget=args.memory_budget,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
     )
@@ -511,6 +523,9 @@ class _ProgressBar:
     def update(self, step: int, total: int, losses: dict) -> None:
         if "resumed" in losses:
             print(f"resumed from step {step}", file=sys.stderr, flush=True)
+            return
+        if "note" in losses:
+            print(("\n" if self.tty and step else "") + f"train: {losses['note']}", file=sys.stderr, flush=True)
             return
         elapsed = time.perf_counter() - self.started
         line = f"train {step}/{total} loss {losses.get('loss', float('nan')):.4f} {elapsed:.0f}s"

@@ -18,7 +18,9 @@ Resizing (``fit_to_model``): the reference stretches every image to 512x512. We 
 that the UNet's three downsamplings divide evenly), an area of about ``resolution**2`` and the aspect ratio closest
 to the image's (``working_size``); the image is scaled to cover it and centre-cropped by what remains (a 4:3 photo
 at 512 becomes 576x448, cropping 3.6% of its width). A square image gives exactly the reference's 512x512.
-``mode="stretch"`` reproduces the reference for non-square images too.
+``mode="stretch"`` reproduces the reference for non-square images too. Both modes resample with PIL's bilinear
+filter (which low-pass filters when it reduces), what the reference's ``torchvision.transforms.Resize`` does to a PIL
+image.
 """
 
 from __future__ import annotations
@@ -143,9 +145,9 @@ def working_size(width: int, height: int, resolution: int, multiple: int = 64, m
 def fit_to_model(image: Image.Image, resolution: int, multiple: int = 64, mode: str = "keep") -> Image.Image:
     """Resize (and centre-crop by less than ``multiple`` pixels) to the working size; see the module docstring."""
     w, h = working_size(image.width, image.height, resolution, multiple, mode)
-    if mode == "stretch":
-        return image.resize((w, h), Image.BICUBIC)
-    return ImageOps.fit(image, (w, h), Image.BICUBIC, centering=(0.5, 0.5))
+    if mode == "stretch":  # torchvision's Resize([size, size]) on a PIL image, as the reference: PIL bilinear
+        return image.resize((w, h), Image.BILINEAR)
+    return ImageOps.fit(image, (w, h), Image.BILINEAR, centering=(0.5, 0.5))
 
 
 def crop_box(width: int, height: int, target: tuple[int, int]) -> tuple[float, float, float, float]:

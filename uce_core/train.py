@@ -7,25 +7,34 @@ at merge_step each concept's token becomes the mean of its g split tokens, and t
 merged tokens on "a photo of [V_i]" and the composite "a photo of [V_1] and ... [V_N]" (union mask). Only the new
 vectors are parameters; the models are frozen and never written.
 
-Two update orders:
+Three update orders (``update``):
 
-* ``batched`` (default, paper eqs. 12-13): all prompts of a step go through the UNet together (in micro-batches
-  when memory asks for it), one averaged update per step: loss = mean over prompts of (eq. 8 + beta * eq. 11), plus
-  alpha * eq. 10 in the split phase.
-* ``reference``: the official code's order: every prompt does its own forward, backward and optimizer step
-  (5N updates per step in the split phase, N + 1 after), each with the contrastive term in the split phase.
+* ``sequential`` (default): the reference's sequence of optimizer updates at about the cost of one batched pass.
+  All prompts of a step go through the text encoder and the UNet together (in micro-batches, see ``memory.py``),
+  each prompt with its own copy of the vectors, so that one backward pass yields every prompt's gradient apart;
+  then the reference's updates are applied in the reference's order, one AdamW step per prompt (g*N per step in the
+  split phase, N + 1 after the merge), each with the reference's clipping (``optim.py``), and in the split phase
+  with alpha * the contrastive term's gradient taken at the vectors of that moment. The one approximation: a
+  prompt's denoising and alignment gradients are taken at the step's starting vectors instead of after the earlier
+  prompts' updates (measured against ``reference``: tests/test_train.py, benchmarks/README.md).
+* ``reference``: the official loop: every prompt does its own forward, backward and optimizer step.
+* ``averaged``: one AdamW step per training step on the mean over prompts of (eq. 8 + beta * eq. 11), plus
+  alpha * eq. 10 in the split phase. Not the reference's trajectory: it makes g*N (or N + 1) times fewer updates,
+  so at the same learning rate the tokens travel much less far (docs/deviations.md 3.2).
 
 All randomness of a step (flip, timesteps, noise, VAE posterior samples) is drawn up front from one seeded
 generator, so a step's result does not depend on how it is micro-batched, and a resumed run continues the same
-trajectory. Checkpoints (safetensors: vectors, AdamW state, generator state, history) are written every
+trajectory. Checkpoints (safetensors: vectors, AdamW state, loss scale, generator state, history) are written every
 ``checkpoint_every`` steps, on cancellation, and before stopping on a non-finite loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -39,7 +48,11 @@ from .backends.base import AttentionLayer, Prompt, Slot
 from .concepts import Concepts
 from .errors import ConceptExpressError
 from .losses import contrastive_loss, emd_alignment_loss, grid_cost, masked_denoising_loss, nearest_downsample
+from .memory import MicroBatchPlan, is_out_of_memory, plan_micro_batch, release_cached_memory, resident_storages
+from .optim import LossScale, clip_coefficient, table_grad_sq
 from .tokens import INITIALISATIONS, ConceptTokens, initial_vectors
+
+UPDATES = ("sequential", "reference", "averaged")
 
 CHECKPOINT_FORMAT = "concept-express/training-checkpoint/1"
 
@@ -50,7 +63,7 @@ class TrainingCancelled(ConceptExpressError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Defaults are the official run's (scripts/train.sh), except ``init`` (see tokens.py) and ``update``."""
+    """Defaults are the official run's (scripts/train.sh), except ``init`` (see tokens.py)."""
 
     steps: int = 500
     merge_step: int = 100
@@ -69,12 +82,13 @@ class TrainSettings:
     template: str = "a photo of {}"
     joiner: str = " and "
     composite: bool = True
-    update: str = "batched"  # or "reference"
+    update: str = "sequential"  # or "reference", "averaged" (see the module docstring)
     init: str = "random"  # or "reference"
     flip: bool = True
     vae_sample: bool = True  # a fresh VAE posterior sample per prompt, as the reference
     seed: int = 20
-    micro_batch: int = 0  # prompts per UNet call; 0 = all of a step at once (halved automatically on CUDA OOM)
+    micro_batch: int = 0  # prompts per UNet call; 0 = chosen from the memory available (memory.py); halved on OOM
+    memory_budget: float = 0.0  # GiB a step may use above the loaded models; 0 = what the device has free
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100
 
@@ -92,21 +106,21 @@ class TrainSettings:
             problems.append("loss weights and weight decay must be >= 0")
         if self.emd not in ("sinkhorn", "exact"):
             problems.append("emd must be 'sinkhorn' or 'exact'")
-        if self.update not in ("batched", "reference"):
-            problems.append("update must be 'batched' or 'reference'")
+        if self.update not in UPDATES:
+            problems.append(f"update must be one of {', '.join(UPDATES)}")
         if self.init not in INITIALISATIONS:
             problems.append(f"init must be one of {INITIALISATIONS}")
         if self.template.count("{}") != 1:
             problems.append("the prompt template needs exactly one {} where the token goes")
-        if self.micro_batch < 0 or self.checkpoint_every < 0:
-            problems.append("micro_batch and checkpoint_every must be >= 0")
+        if self.micro_batch < 0 or self.checkpoint_every < 0 or self.memory_budget < 0:
+            problems.append("micro_batch, memory_budget and checkpoint_every must be >= 0")
         if problems:
             raise ConceptExpressError("invalid training settings: " + "; ".join(problems) + ".")
 
     def trajectory_key(self) -> str:
         """What a resumed run must share with the run that wrote the checkpoint."""
         fields = asdict(self)
-        for name in ("checkpoint_every", "micro_batch", "gradient_checkpointing"):
+        for name in ("checkpoint_every", "micro_batch", "memory_budget", "gradient_checkpointing"):
             fields.pop(name)
         return json.dumps(fields, sort_keys=True)
 
@@ -161,6 +175,12 @@ class _GridLister:
         pass
 
 
+def _autocast(backend):
+    """The backend's training precision (a backend without a policy runs as it is)."""
+    autocast = getattr(backend, "autocast", None)
+    return autocast() if autocast is not None else contextlib.nullcontext()
+
+
 def _prompt(template: str, slots: list[int], joiner: str) -> Prompt:
     before, after = template.split("{}")
     parts: list = [before] if before.strip() else []
@@ -199,12 +219,13 @@ class _Run:
             eps=settings.adam_eps,
             weight_decay=settings.weight_decay,
         )
-        use_scaler = self.device.type == "cuda" and getattr(backend, "dtype", torch.float32) == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.loss_scale = LossScale(bool(getattr(backend, "loss_scaling", False)))
         self.step = 0
         self.merged = self.g == 1 or settings.merge_step == 0
         self.history: dict[str, list[float]] = {"loss": [], "denoise": [], "attention": [], "contrastive": []}
         self.micro_batch = settings.micro_batch
+        self.resumed_micro_batch = 0  # the micro-batch of the checkpoint resumed from
+        self.notes: list[str] = []  # what the progress text should say (micro-batch chosen, halved)
 
     # -- setup ------------------------------------------------------------------------------------------------
     def _prepare_image(self):
@@ -228,8 +249,9 @@ class _Run:
             lister = _GridLister()
             with torch.no_grad():
                 cond = self.backend.encode_prompts([Prompt.text("")])
-                x = self.latent_mean[:1].to(getattr(self.backend, "dtype", torch.float32))
-                self.backend.predict(x, torch.zeros(1, dtype=torch.long, device=self.device), cond, lister)
+                self.backend.predict(
+                    self.latent_mean[:1], torch.zeros(1, dtype=torch.long, device=self.device), cond, lister
+                )
             if not lister.grids:
                 raise ConceptExpressError("the model has no cross-attention layers to align the tokens with")
             self.cross_grid = closest_grid(lister.grids, self.latent_hw, 4)
@@ -240,11 +262,13 @@ class _Run:
 
     # -- the schedule -------------------------------------------------------------------------------------------
     def items(self) -> list[_Item]:
+        """The reference's prompts of a step, in its order: split token k ("a photo of [V_k]", concept k mod N),
+        or after the merge each concept's token, then the composite (always, also for N = 1, as the reference)."""
         s = self.s
         if not self.merged:
             return [_Item(_prompt(s.template, [k], s.joiner), (k % self.n,), (k,)) for k in range(self.g * self.n)]
         items = [_Item(_prompt(s.template, [i], s.joiner), (i,), (i,)) for i in range(self.n)]
-        if s.composite and self.n > 1:
+        if s.composite:
             items.append(
                 _Item(_prompt(s.template, list(range(self.n)), s.joiner), tuple(range(self.n)), tuple(range(self.n)))
             )
@@ -265,18 +289,20 @@ class _Run:
         self.merged = True
 
     # -- one forward over some prompts ----------------------------------------------------------------------------
-    def forward(self, items: list[_Item], draws: _Draws, index: slice):
+    def forward(self, items: list[_Item], draws: _Draws, index: slice, vectors, tap: bool = True):
+        """Per-prompt (denoise, attention) losses of ``items`` (draws ``index`` of the step) with ``vectors`` (shared
+        parameters, or one copy per prompt), and the conditioning (its token taps)."""
         backend, s = self.backend, self.s
         side = 1 if draws.flip else 0
         x0 = self.latent_mean[side] + self.latent_std[side] * draws.vae_noise[index].to(self.device)
         noise = draws.noise[index].to(self.device)
         t = draws.timesteps[index].to(self.device)
-        dtype = getattr(backend, "dtype", torch.float32)
-        noisy = backend.add_noise(x0, noise, t).to(dtype)
+        noisy = backend.add_noise(x0, noise, t)
         target = backend.target(x0, noise, t)
-        cond = backend.encode_prompts([it.prompt for it in items], vectors=self.vectors)
         recorder = _CrossAttention(self.cross_grid) if self.cross_grid is not None else None
-        pred = backend.predict(noisy, t, cond, recorder)
+        with _autocast(backend):
+            cond = backend.encode_prompts([it.prompt for it in items], vectors=vectors, tap=tap)
+            pred = backend.predict(noisy, t, cond, recorder)
         masks = torch.stack([self.masks[list(it.concepts)].amax(dim=0) for it in items])
         if draws.flip:
             masks = masks.flip(-1)
@@ -300,77 +326,146 @@ class _Run:
                 iterations=s.sinkhorn_iterations,
             )
             attention = attention.index_add(0, torch.tensor(rows, device=per_pair.device), per_pair)
-        return denoise, attention
+        return denoise, attention, cond
 
-    def contrastive(self) -> torch.Tensor:
+    def contrastive(self, vectors=None) -> torch.Tensor:
         labels = torch.arange(self.g * self.n, device=self.device) % self.n
-        return torch.stack([contrastive_loss(v, labels, self.s.temperature) for v in self.vectors]).mean()
-
-    # -- updates ----------------------------------------------------------------------------------------------------
-    def _backward(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def _optimizer_step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.s.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.vectors, self.s.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        vectors = self.vectors if vectors is None else vectors
+        return torch.stack([contrastive_loss(v, labels, self.s.temperature) for v in vectors]).mean()
 
     def _with_contrastive(self) -> bool:
         return not self.merged and self.g > 1 and self.s.contrastive_weight > 0
 
-    def batched_step(self, items, draws) -> dict[str, float]:
-        s, p = self.s, len(items)
+    # -- the optimizer step ---------------------------------------------------------------------------------------
+    def _apply(self, grads: list[torch.Tensor], other_sq: float) -> None:
+        """One reference optimizer step with the (unscaled) gradients of the vectors: clip by the norm of the whole
+        embedding table's gradient (the vectors' plus ``other_sq``, the prompt's other token rows), AdamW, and the
+        loss scale's bookkeeping (a non-finite gradient skips the step when the loss is scaled)."""
+        finite = math.isfinite(other_sq) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if not finite:
+            if not self.loss_scale.enabled:
+                raise FloatingPointError
+            self.loss_scale.update(False)
+            return
+        squared = sum(float(g.double().pow(2).sum()) for g in grads) + other_sq
+        factor = clip_coefficient(squared, self.s.max_grad_norm)
+        for v, g in zip(self.vectors, grads):
+            v.grad = (g * factor).to(v.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_scale.update(True)
+
+    def _contrastive_grads(self) -> tuple[list[torch.Tensor], float]:
+        """alpha * the contrastive term's gradient at the current vectors, and the term's value."""
+        with torch.enable_grad():
+            leaves = [v.detach().clone().requires_grad_() for v in self.vectors]
+            con = self.contrastive(leaves)
+            grads = torch.autograd.grad(self.s.contrastive_weight * con, leaves)
+        return list(grads), float(con.detach())
+
+    def _in_micro_batches(self, count: int, run_chunk, reset=lambda: None) -> None:
+        """``run_chunk(slice)`` over ``count`` prompts, ``self.micro_batch`` at a time (0: all); on an out-of-memory
+        error the micro-batch is halved, ``reset()`` called and the step started again."""
         while True:
-            size = self.micro_batch or p
+            size = min(self.micro_batch or count, count)
             try:
-                self.optimizer.zero_grad(set_to_none=True)
-                denoise_sum = attention_sum = 0.0
-                for start in range(0, p, size):
-                    chunk = slice(start, min(p, start + size))
-                    denoise, attention = self.forward(items[chunk], draws, chunk)
-                    self._backward((denoise + s.attention_weight * attention).sum() / p)
-                    denoise_sum += float(denoise.detach().sum())
-                    attention_sum += float(attention.detach().sum())
-                break
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
+                for start in range(0, count, size):
+                    run_chunk(slice(start, min(count, start + size)))
+                return
+            except Exception as err:
+                if not is_out_of_memory(err) or size == 1:
                     raise
-                self.micro_batch = max(1, size // 2)
-                self.optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-        con = 0.0
-        if self._with_contrastive():
-            loss = self.contrastive()
-            self._backward(s.contrastive_weight * loss)
-            con = float(loss.detach())
-        self._optimizer_step()
-        return self._summary(denoise_sum / p, attention_sum / p, con)
+            self.micro_batch = max(1, size // 2)
+            self.notes.append(f"out of memory at {size} prompts per UNet call; now {self.micro_batch}")
+            reset()
+            release_cached_memory(self.device)
+
+    def _check(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError
+
+    def sequential_step(self, items, draws) -> dict[str, float]:
+        s, p = self.s, len(items)
+        scale = self.loss_scale.scale
+        grads = [torch.zeros(p, *v.shape, dtype=torch.float32, device=v.device) for v in self.vectors]
+        other = [0.0] * p
+        denoise_of, attention_of = [0.0] * p, [0.0] * p
+
+        def run_chunk(chunk):
+            n = chunk.stop - chunk.start
+            copies = [v.detach().unsqueeze(0).repeat(n, 1, 1).requires_grad_() for v in self.vectors]
+            denoise, attention, cond = self.forward(items[chunk], draws, chunk, copies)
+            loss = (denoise + s.attention_weight * attention).sum()
+            self._check(loss)
+            (loss * scale).backward()
+            for e, copy in enumerate(copies):
+                grads[e][chunk] = copy.grad.float() / scale
+            for b in range(n):
+                other[chunk.start + b] = table_grad_sq(cond.taps[b]) / scale**2 if cond.taps else 0.0
+                denoise_of[chunk.start + b] = float(denoise[b].detach())
+                attention_of[chunk.start + b] = float(attention[b].detach())
+
+        self._in_micro_batches(p, run_chunk)
+        con_sum = 0.0
+        for k in range(p):  # the reference's updates, in its order
+            g = [grad[k] for grad in grads]
+            if self._with_contrastive():
+                con_grads, con = self._contrastive_grads()
+                g = [a + b for a, b in zip(g, con_grads)]
+                con_sum += con
+            self._apply(g, other[k])
+        return self._summary(sum(denoise_of) / p, sum(attention_of) / p, con_sum / p)
 
     def reference_step(self, items, draws) -> dict[str, float]:
         s = self.s
         denoise_sum = attention_sum = con_sum = 0.0
         for k, item in enumerate(items):
-            denoise, attention = self.forward([item], draws, slice(k, k + 1))
+            scale = self.loss_scale.scale
+            denoise, attention, cond = self.forward([item], draws, slice(k, k + 1), self.vectors)
             loss = denoise.sum() + s.attention_weight * attention.sum()
             if self._with_contrastive():
                 con = self.contrastive()
                 loss = loss + s.contrastive_weight * con
                 con_sum += float(con.detach())
-            self._backward(loss)
-            self._optimizer_step()
+            self._check(loss)
+            (loss * scale).backward()
+            grads = [(v.grad if v.grad is not None else torch.zeros_like(v)).float() / scale for v in self.vectors]
+            self.optimizer.zero_grad(set_to_none=True)
+            self._apply(grads, table_grad_sq(cond.taps[0]) / scale**2 if cond.taps else 0.0)
             denoise_sum += float(denoise.detach().sum())
             attention_sum += float(attention.detach().sum())
         p = len(items)
         return self._summary(denoise_sum / p, attention_sum / p, con_sum / p)
+
+    def averaged_step(self, items, draws) -> dict[str, float]:
+        s, p = self.s, len(items)
+        scale = self.loss_scale.scale
+        taps, denoise_of, attention_of = [], [0.0] * p, [0.0] * p
+
+        def run_chunk(chunk):
+            denoise, attention, cond = self.forward(items[chunk], draws, chunk, self.vectors)
+            loss = (denoise + s.attention_weight * attention).sum() / p
+            self._check(loss)
+            (loss * scale).backward()
+            taps.extend(t for prompt in (cond.taps or []) for t in prompt)
+            for b in range(chunk.stop - chunk.start):
+                denoise_of[chunk.start + b] = float(denoise[b].detach())
+                attention_of[chunk.start + b] = float(attention[b].detach())
+
+        def reset():
+            self.optimizer.zero_grad(set_to_none=True)
+            taps.clear()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self._in_micro_batches(p, run_chunk, reset)
+        grads = [(v.grad if v.grad is not None else torch.zeros_like(v)).float() / scale for v in self.vectors]
+        self.optimizer.zero_grad(set_to_none=True)
+        con = 0.0
+        if self._with_contrastive():
+            con_grads, con = self._contrastive_grads()
+            grads = [a + b for a, b in zip(grads, con_grads)]
+        self._apply(grads, table_grad_sq(taps) / scale**2)
+        return self._summary(sum(denoise_of) / p, sum(attention_of) / p, con)
 
     def _summary(self, denoise, attention, con) -> dict[str, float]:
         s = self.s
@@ -378,6 +473,34 @@ class _Run:
             denoise + s.attention_weight * attention + (s.contrastive_weight * con if self._with_contrastive() else 0.0)
         )
         return {"loss": loss, "denoise": denoise, "attention": attention, "contrastive": con}
+
+    # -- memory ---------------------------------------------------------------------------------------------------
+    def plan_memory(self) -> MicroBatchPlan | None:
+        """Choose the micro-batch before the first step (``memory.plan_micro_batch``), unless the settings fix it or
+        the update order runs one prompt at a time."""
+        if self.micro_batch or self.s.update == "reference":
+            return None
+        items = self.items()  # the split phase's g*N prompts (or N + 1 after the merge): the largest steps left
+        prompts = len(items)
+
+        def saved_by(count: int) -> None:
+            chosen = (items * count)[:count]
+            draws = _Draws(
+                False, torch.zeros(count, dtype=torch.long), *(torch.zeros(count, *self.latent_mean.shape[1:]),) * 2
+            )
+            copies = [v.detach().unsqueeze(0).repeat(count, 1, 1).requires_grad_() for v in self.vectors]
+            self.forward(chosen, draws, slice(0, count), copies)
+
+        modules = getattr(self.backend, "modules", None)
+        resident = resident_storages(modules()) if modules is not None else set()
+        plan = plan_micro_batch(self.device, prompts, saved_by, budget_gib=self.s.memory_budget, resident=resident)
+        self.micro_batch = plan.micro_batch
+        self.notes.append(plan.describe())
+        if self.resumed_micro_batch and self.resumed_micro_batch < self.micro_batch:
+            # the run being resumed used a smaller one: keep it, so that the trajectory stays the same bit for bit
+            self.micro_batch = self.resumed_micro_batch
+            self.notes.append(f"{self.micro_batch} prompts per UNet call, as in the run being resumed")
+        return plan
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @functools.cached_property
@@ -406,6 +529,7 @@ class _Run:
             "history": {k: list(v) for k, v in self.history.items()},
             "fingerprint": self.fingerprint,
             "micro_batch": self.micro_batch,
+            "loss_scale": self.loss_scale.state(),
         }
         return tensors, meta
 
@@ -430,9 +554,17 @@ class _Run:
                     "exp_avg": tensors[f"adam.{e}.exp_avg"].to(v),
                     "exp_avg_sq": tensors[f"adam.{e}.exp_avg_sq"].to(v),
                 }
+        self.loss_scale.load(meta.get("loss_scale"))
+        self.resumed_micro_batch = int(meta.get("micro_batch") or 0)
         self.generator.set_state(tensors["generator"])
         self.step, self.merged, self.history = meta["step"], meta["merged"], meta["history"]
         return True
+
+
+def _tell(progress, run: _Run, total: int) -> None:
+    """Pass the run's notes (micro-batch chosen or halved) to the progress callback as ``{"note": text}``."""
+    while run.notes:
+        progress(run.step, total, {"note": run.notes.pop(0)})
 
 
 def run_fingerprint(info, concepts: Concepts, settings: TrainSettings) -> str:
@@ -471,7 +603,8 @@ def train_concept_tokens(
 ) -> ConceptTokens:
     """Learn one token per concept. See the module docstring.
 
-    ``progress(step, total, losses)`` is called after every step; ``should_stop()`` is polled before every step and
+    ``progress(step, total, losses)`` is called after every step, and with ``{"note": text}`` when there is something
+    to say (the micro-batch chosen before the first step, or halved after an out-of-memory error); ``should_stop()`` is polled before every step and
     raises ``TrainingCancelled``. With ``checkpoint`` a file path, a matching checkpoint there is resumed (when
     ``resume``) and progress is saved every ``checkpoint_every`` steps and whenever the run stops early (cancelled,
     diverged, or interrupted by any exception, even in the middle of a step: the state after the last completed
@@ -491,6 +624,10 @@ def train_concept_tokens(
     boundary = run.state() if path is not None else None  # the last consistent state, for a checkpoint
     try:
         with torch.enable_grad():
+            if run.step < settings.steps:
+                run.plan_memory()
+                if progress is not None:
+                    _tell(progress, run, settings.steps)
             while run.step < settings.steps:
                 if should_stop is not None and should_stop():
                     raise TrainingCancelled(f"training cancelled before step {run.step + 1} of {settings.steps}")
@@ -499,10 +636,7 @@ def train_concept_tokens(
                 items = run.items()
                 draws = run.draw(len(items))
                 try:
-                    if settings.update == "batched":
-                        losses = run.batched_step(items, draws)
-                    else:
-                        losses = run.reference_step(items, draws)
+                    losses = getattr(run, f"{settings.update}_step")(items, draws)
                 except FloatingPointError:
                     raise ConceptExpressError(
                         f"training diverged at step {run.step + 1}: the loss is not a finite number. "
@@ -513,7 +647,7 @@ def train_concept_tokens(
                             if path
                             else "Start again "
                         )
-                        + "with float32 weights (--dtype float32), a lower learning rate, or another seed."
+                        + "in float32 (--dtype fp32), with a lower learning rate, or with another seed."
                     ) from None
                 for key in run.history:
                     run.history[key].append(losses[key])
@@ -523,6 +657,7 @@ def train_concept_tokens(
                     if settings.checkpoint_every and run.step % settings.checkpoint_every == 0:
                         run.save_checkpoint(path, boundary)
                 if progress is not None:
+                    _tell(progress, run, settings.steps)
                     progress(run.step, settings.steps, losses)  # may raise the host's interrupt (ComfyUI's Cancel)
     except BaseException:
         if path is not None and boundary[1]["step"] > 0:

@@ -5,7 +5,12 @@ A backend can
 * encode an image to scaled latents (the posterior mean at capture; training also draws posterior samples);
 * add noise at timesteps, and give the training target for the model's prediction type (epsilon or v);
 * encode prompts in which some positions are learnable vectors (``Prompt`` slots); gradients reach those vectors
-  only, one vector per slot per text encoder (SDXL has two encoders, so two vectors per slot);
+  only, one vector per slot per text encoder (SDXL has two encoders, so two vectors per slot). The vectors are
+  shared by all prompts, or each prompt has its own copy (so that one backward pass yields every prompt's gradient
+  apart). On request, the embeddings of the prompt's ordinary tokens get zero-valued taps (``TokenTap``) whose
+  gradients are those of the embedding-table rows they were read from (what the reference's gradient clipping
+  counts);
+* run the text encoder and the denoiser under the backend's mixed precision for training (``autocast``);
 * run the denoiser on (latents, timesteps, conditioning), optionally calling an ``AttentionRecorder`` with the
   attention probabilities (averaged over heads) of the layers the recorder asks for;
 * report the model family, its text encoders and their widths, and its tokenizer conventions (``ModelInfo``).
@@ -15,6 +20,7 @@ Everything else in ``uce_core`` is model-agnostic.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -82,6 +88,21 @@ class Prompt:
 
 
 @dataclass
+class TokenTap:
+    """Zeros added to the embeddings that one prompt reads from a text encoder's token table (not its slots).
+
+    ``ids[j]`` is the table row read at tapped position j (-1: not a table row); after a backward pass,
+    ``tap.grad[j]`` is the loss's gradient with respect to that use of the row, so the gradient of row r of the
+    table is the sum of ``tap.grad[j]`` over the positions with ``ids[j] == r`` (``table_grad_sq`` in
+    ``uce_core/optim.py``).
+    """
+
+    encoder: int
+    ids: torch.Tensor  # (L,) long
+    tap: torch.Tensor  # (L, width) leaf, requires grad
+
+
+@dataclass
 class Conditioning:
     """Text conditioning for a batch of prompts.
 
@@ -94,6 +115,7 @@ class Conditioning:
     extras: dict = field(default_factory=dict)
     slot_positions: list[dict[int, int]] = field(default_factory=list)
     eot_positions: list[int] = field(default_factory=list)
+    taps: list[list[TokenTap]] | None = None  # per prompt, one per text encoder, when ``encode_prompts(tap=True)``
 
 
 class AttentionLayer(NamedTuple):
@@ -123,6 +145,7 @@ class AttentionRecorder(Protocol):
 class ModelBackend(Protocol):
     info: ModelInfo
     device: torch.device
+    loss_scaling: bool  # gradients pass through float16 activations: training scales the loss (as torch's GradScaler)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), the posterior mean."""
@@ -138,9 +161,21 @@ class ModelBackend(Protocol):
         """What the denoiser is trained to predict: the noise (epsilon) or the velocity (v)."""
         ...
 
-    def encode_prompts(self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None) -> Conditioning:
-        """Encode prompts; slot k takes ``vectors[e][k]`` in text encoder e (one (num_slots, width_e) tensor per
-        encoder). Gradients flow to ``vectors`` and nowhere else."""
+    def encode_prompts(
+        self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None, *, tap: bool = False
+    ) -> Conditioning:
+        """Encode prompts; slot k of prompt b takes ``vectors[e][k]`` in text encoder e when ``vectors[e]`` is one
+        (num_slots, width_e) tensor shared by all prompts, or ``vectors[e][b, k]`` when it is (B, num_slots, width_e),
+        one copy per prompt. Gradients flow to ``vectors`` (and, with ``tap``, to ``Conditioning.taps``) and nowhere
+        else."""
+        ...
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed precision training runs under (text encoder and denoiser); a no-op context when there is none."""
+        ...
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen models, whose weights are in memory anyway (the training memory estimate leaves them out)."""
         ...
 
     def predict(

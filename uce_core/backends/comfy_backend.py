@@ -9,12 +9,15 @@ loaded by the stock loaders. Only this module and ``nodes/`` import ComfyUI, and
   sqrt(1 - abar) eps is the same point scaled by sqrt(abar) = 1 / sqrt(1 + sigma^2), and the raw prediction
   (epsilon or v) is recovered exactly from (x_sigma, x_0 estimate).
 * Text with learnable vectors goes through ComfyUI's CLIP (so CLIP-skip settings apply) as tensor tokens, the
-  mechanism ComfyUI uses for textual inversion. ComfyUI's ``CLIPLayer`` adds residuals in place, which autograd
-  cannot differentiate, so while a prompt is encoded with gradients ``CLIPLayer.forward`` is swapped for an
-  out-of-place version and restored right after.
+  mechanism ComfyUI uses for textual inversion (with one copy of the vectors per prompt when asked; token taps are
+  forward hooks on the encoders' token-embedding layers, present only during that call). ComfyUI's ``CLIPLayer``
+  adds residuals in place, which autograd cannot differentiate, so while a prompt is encoded with gradients
+  ``CLIPLayer.forward`` is swapped for an out-of-place version and restored right after.
 * ComfyUI runs nodes under ``torch.inference_mode`` and its loaders make inference tensors, which autograd cannot
   save. ``prepare_for_training`` (called by the training node inside ``torch.inference_mode(False)``) replaces
   the model's and CLIP's inference-tensor weights by ordinary tensors with the same values, one at a time.
+* Precision is ComfyUI's: its model management picks the weights' and the computation's dtypes for the device;
+  nothing here casts or autocasts. When the UNet computes in float16 the training loss is scaled (``loss_scaling``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from ..attention import attention_with_probs
 from ..errors import ConceptExpressError
-from .base import AttentionLayer, Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo
+from .base import AttentionLayer, Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo, TokenTap
 
 _FAMILIES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
 _ENCODERS = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}
@@ -83,6 +86,15 @@ class ComfyBackend:
         sigmas = self.base.model_sampling.sigmas.detach().double().cpu()
         self.schedule = NoiseSchedule(1.0 / (1.0 + sigmas**2), self.info.prediction_type)
         self.dtype = torch.float32
+        compute = getattr(self.base, "manual_cast_dtype", None) or self.base.get_dtype()
+        self.loss_scaling = compute == torch.float16
+
+    def autocast(self):
+        return contextlib.nullcontext()  # ComfyUI manages the dtypes
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The models whose weights stay in memory (the UNet's BaseModel and the text encoders)."""
+        return [self.base, *self.encoders]
 
     # -- images -----------------------------------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -144,16 +156,21 @@ class ComfyBackend:
         row = [vectors[next(slot_iter)].float() if token is None else token for token in ids]
         return row, positions, eot
 
-    def encode_prompts(self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None) -> Conditioning:
+    def encode_prompts(
+        self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None, *, tap: bool = False
+    ) -> Conditioning:
         """All prompts in one batch per text encoder (one forward, one set of cast weights for autograd to keep),
         with the same set-up as ``CLIP.encode_from_tokens``: the CLIP's layer option (CLIP skip), its patcher
         loaded on its device. SDXL: CLIP-L and CLIP-G outputs side by side, CLIP-G's pooled output."""
         if vectors is None and any(p.slots for p in prompts):
             raise ValueError("the prompts have learnable slots but no vectors were given")
         rows, slot_positions, eots = [[] for _ in self.encoders], [], []
-        for prompt in prompts:
+        for b, prompt in enumerate(prompts):
             for e, tokenizer in enumerate(self.tokenizers):
-                row, positions, eot = self._token_list(tokenizer, prompt, vectors[e] if vectors is not None else None)
+                mine = None
+                if vectors is not None:
+                    mine = vectors[e][b] if vectors[e].ndim == 3 else vectors[e]  # (B, S, W): a copy per prompt
+                row, positions, eot = self._token_list(tokenizer, prompt, mine)
                 rows[e].append(row)
             slot_positions.append(positions)
             eots.append(eot)
@@ -164,13 +181,20 @@ class ComfyBackend:
         clip.load_model()
         stage.set_clip_options({"execution_device": clip.patcher.load_device})
         grad = torch.is_grad_enabled() and vectors is not None and any(v.requires_grad for v in vectors)
-        with _differentiable_clip() if grad else contextlib.nullcontext():
+        tapped = [[] for _ in self.encoders]
+        with (
+            _differentiable_clip() if grad else contextlib.nullcontext(),
+            _token_taps(self.encoders, tapped) if tap and torch.is_grad_enabled() else contextlib.nullcontext(),
+        ):
             outputs = [encoder.encode(batch) for encoder, batch in zip(self.encoders, rows)]
         length = min(o[0].shape[1] for o in outputs)
         context = torch.cat([o[0][:, :length] for o in outputs], dim=-1)
         pooled = outputs[-1][1]
         extras = {"pooled_output": pooled} if pooled is not None else {}
-        return Conditioning(context, extras, slot_positions, eots)
+        taps = None
+        if tap and all(len(t) == len(prompts) for t in tapped):  # one embedding call per prompt, in order
+            taps = [[TokenTap(e, *tapped[e][b]) for e in range(len(self.encoders))] for b in range(len(prompts))]
+        return Conditioning(context, extras, slot_positions, eots, taps)
 
     # -- the denoiser -----------------------------------------------------------------------------------------------
     def predict(self, noisy, timesteps, cond: Conditioning, recorder=None) -> torch.Tensor:
@@ -222,6 +246,26 @@ class _AttentionOverride:
         out, probs = attention_with_probs(q, k, v, heads, (q.shape[-1] // heads) ** -0.5)
         self.recorder.record(layer, probs)
         return out.to(q.dtype)
+
+
+@contextlib.contextmanager
+def _token_taps(encoders, tapped):
+    """Forward hooks on the encoders' token-embedding layers that add a zero leaf to each call's output and keep
+    (ids read, leaf) in ``tapped[encoder]``; ComfyUI embeds each prompt's integer tokens in one call."""
+    handles = []
+    for e, encoder in enumerate(encoders):
+
+        def hook(module, args, output, e=e):
+            leaf = torch.zeros_like(output.reshape(-1, output.shape[-1])).requires_grad_()
+            tapped[e].append((args[0].reshape(-1).to(output.device), leaf))
+            return output + leaf.view_as(output)
+
+        handles.append(encoder.transformer.get_input_embeddings().register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -5,6 +5,11 @@ and a forward hook on the text encoder's token-embedding layer replaces the plac
 vectors (out of place, so autograd reaches the vectors and nothing else). The vocabulary is never resized and no
 existing row is ever written.
 
+Precision (``PRECISIONS``, ``resolve_precision``): the UNet and the text encoders always hold float32 weights; training
+runs them under autocast in the policy's half precision (``autocast``), as the reference's accelerate
+``--mixed_precision fp16`` does, and the VAE holds weights in that precision (float32 for SDXL's, which overflows in
+float16). Capture and generation run without autocast, in float32. ``auto`` is ``fp16`` on CUDA, ``fp32`` elsewhere.
+
 Attention recording: for one ``predict`` call every UNet attention module gets a processor that asks the recorder
 whether it wants the layer; if it does the probabilities are computed explicitly (``attention.attention_with_probs``),
 otherwise the module's own processor runs unchanged. The original processors are restored afterwards.
@@ -14,14 +19,50 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..attention import attention_with_probs, grid_of
 from ..errors import ConceptExpressError
-from .base import AttentionLayer, Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo
+from .base import AttentionLayer, Conditioning, ModelInfo, NoiseSchedule, Prompt, Slot, TextEncoderInfo, TokenTap
 
 PLACEHOLDER_ID = 0  # any real id works: its embedding row is replaced before the encoder sees it
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_ALIASES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_ALIASES.update({"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"})
+_HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a precision policy means on one device for one model family."""
+
+    name: str  # "fp32", "fp16" or "bf16" ("auto" resolved)
+    autocast: torch.dtype | None  # training's autocast dtype for the text encoders and the UNet (weights stay float32)
+    vae: torch.dtype  # the VAE's weights
+
+    def describe(self, device: torch.device) -> str:
+        compute = f"{self.name} autocast" if self.autocast is not None else "fp32"
+        return f"{device.type}: UNet and text encoder fp32 weights, training in {compute}, VAE {_NAMES[self.vae]}"
+
+
+_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def resolve_precision(policy, device: torch.device | str, family: str = "sd2") -> Precision:
+    """``policy`` one of ``PRECISIONS`` (or a torch dtype / its name) -> the ``Precision`` used on ``device``."""
+    device = torch.device(device)
+    name = _ALIASES.get(policy, policy) if policy is not None else "auto"
+    if name not in PRECISIONS:
+        raise ConceptExpressError(f"precision must be one of {', '.join(PRECISIONS)}, not {policy!r}")
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "fp32"
+    if name == "fp32":
+        return Precision("fp32", None, torch.float32)
+    half = _HALF[name]
+    vae = torch.float32 if (half == torch.float16 and family == "sdxl") else half  # SDXL's VAE overflows in fp16
+    return Precision(name, half, vae)
 
 
 def tokenize_prompt(tokenizer, prompt: Prompt, max_length: int, pad_id: int, bos_id: int, eos_id: int):
@@ -47,12 +88,17 @@ class _EmbeddingSubstitution:
 
     def __init__(self):
         self.rows = None  # (batch index, position, vector) tensors
+        self.tapped = False  # add a zero leaf per prompt to the output (``TokenTap``), kept in ``taps``
+        self.taps = []
 
     def __call__(self, module, inputs, output):
-        if self.rows is None:
-            return output
-        b, p, vectors = self.rows
-        return output.index_put((b, p), vectors.to(output.dtype))
+        if self.rows is not None:
+            b, p, vectors = self.rows
+            output = output.index_put((b, p), vectors.to(output.dtype))
+        if self.tapped:
+            self.taps = [torch.zeros_like(output[0]).requires_grad_() for _ in range(output.shape[0])]
+            output = output + torch.stack(self.taps)
+        return output
 
 
 class DiffusersBackend:
@@ -63,15 +109,16 @@ class DiffusersBackend:
         pipe,
         info: ModelInfo,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        text_dtype: torch.dtype = torch.float32,
+        dtype="auto",
     ):
         self.pipe = pipe
         self.info = info
         self.device = torch.device(device)
-        self.dtype = dtype  # the UNet's; the VAE always runs in float32 and the text encoders in ``text_dtype``
-        self.unet = _placed(pipe.unet, self.device, dtype)
-        self.vae = _placed(pipe.vae, self.device, torch.float32)  # fp16 VAEs overflow (SDXL's notably)
+        self.precision = resolve_precision(dtype, self.device, info.family)
+        self.dtype = torch.float32  # the UNet's and the text encoders' weights (autocast does the rest)
+        self.loss_scaling = self.precision.autocast == torch.float16
+        self.unet = _placed(pipe.unet, self.device, self.dtype)
+        self.vae = _placed(pipe.vae, self.device, self.precision.vae)
         self.tokenizers = [pipe.tokenizer] + (
             [pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else []
         )
@@ -80,7 +127,7 @@ class DiffusersBackend:
         )
         self._hooks = []
         for encoder in self.text_encoders:
-            _placed(encoder, self.device, text_dtype)
+            _placed(encoder, self.device, self.dtype)
             hook = _EmbeddingSubstitution()
             encoder.get_input_embeddings().register_forward_hook(hook)
             self._hooks.append(hook)
@@ -92,8 +139,17 @@ class DiffusersBackend:
         return self.latent_distribution(pixels)[0]
 
     def latent_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        return (posterior.mean * self.vae_scaling).to(self.dtype), (posterior.std * self.vae_scaling).to(self.dtype)
+        posterior = self.vae.encode(pixels.to(self.device, self.precision.vae)).latent_dist
+        return (posterior.mean.float() * self.vae_scaling), (posterior.std.float() * self.vae_scaling)
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The frozen models (their weights are in memory for the whole run)."""
+        return [self.unet, self.vae, *self.text_encoders]
+
+    def autocast(self):
+        if self.precision.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast)
 
     def add_noise(self, latents, noise, timesteps):
         return self.schedule.add_noise(latents, noise, timesteps)
@@ -105,9 +161,12 @@ class DiffusersBackend:
         """The (vocabulary, width) token-embedding table of text encoder ``encoder`` (read only)."""
         return self.text_encoders[encoder].get_input_embeddings().weight.detach()
 
-    def encode_prompts(self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None) -> Conditioning:
+    def encode_prompts(
+        self, prompts: Sequence[Prompt], vectors: Sequence[torch.Tensor] | None = None, *, tap: bool = False
+    ) -> Conditioning:
         info = self.info
         hidden, pooled, slot_positions, eots = [], None, [], []
+        taps = [[] for _ in prompts] if tap else None
         for e, (tokenizer, encoder, hook) in enumerate(zip(self.tokenizers, self.text_encoders, self._hooks)):
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else info.eos_token_id
             rows = [
@@ -118,6 +177,7 @@ class DiffusersBackend:
             if e == 0:
                 slot_positions, eots = [r[1] for r in rows], [r[2] for r in rows]
             hook.rows = self._substitutions(rows, vectors[e] if vectors is not None else None)
+            hook.tapped = tap
             try:
                 if info.family == "sdxl":
                     out = encoder(ids, output_hidden_states=True)
@@ -127,10 +187,18 @@ class DiffusersBackend:
                 else:
                     hidden.append(encoder(ids).last_hidden_state)
             finally:
-                hook.rows = None
+                hook.rows, hook.tapped = None, False
+            if tap:
+                for b, (r, leaf) in enumerate(zip(rows, hook.taps)):
+                    table_ids = torch.tensor(r[0], device=self.device)
+                    table_ids[list(r[1].values())] = -1  # slot positions read no table row
+                    taps[b].append(TokenTap(e, table_ids, leaf))
+                hook.taps = []
         context = torch.cat(hidden, dim=-1) if len(hidden) > 1 else hidden[0]
         extras = {"text_embeds": pooled} if pooled is not None else {}
-        return Conditioning(context=context, extras=extras, slot_positions=slot_positions, eot_positions=eots)
+        return Conditioning(
+            context=context, extras=extras, slot_positions=slot_positions, eot_positions=eots, taps=taps
+        )
 
     def predict(self, noisy, timesteps, cond: Conditioning, recorder=None) -> torch.Tensor:
         kwargs = {}
@@ -184,7 +252,7 @@ class DiffusersBackend:
                 x = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(self.dtype)
                 out_uncond, out_cond = self.predict(x, t.repeat(2).to(self.device), both).float().chunk(2)
                 latents = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, latents).prev_sample
-            pixels = self.vae.decode(latents / self.vae_scaling).sample
+            pixels = self.vae.decode((latents / self.vae_scaling).to(self.precision.vae)).sample.float()
         array = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(array)
 
@@ -198,7 +266,11 @@ class DiffusersBackend:
         b = torch.tensor([p[0] for p in places], device=self.device)
         pos = torch.tensor([p[1] for p in places], device=self.device)
         slot = torch.tensor([p[2] for p in places], device=vectors.device)
-        return b, pos, vectors[slot.to(vectors.device)].to(self.device)
+        if vectors.ndim == 3:  # one copy of the vectors per prompt
+            if vectors.shape[0] != len(rows):
+                raise ValueError(f"{vectors.shape[0]} copies of the vectors for {len(rows)} prompts")
+            return b, pos, vectors[b.to(vectors.device), slot].to(self.device)
+        return b, pos, vectors[slot].to(self.device)
 
     @contextlib.contextmanager
     def _recording(self, recorder, latent_hw):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConceptExpressError
-from .diffusers_backend import DiffusersBackend, info_from_pipeline
+from .diffusers_backend import DiffusersBackend, info_from_pipeline, resolve_precision
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -59,17 +59,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_backend(
     model: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = "auto",
     prediction_type: str | None = None,
     tokenizer: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
@@ -77,7 +71,7 @@ def load_backend(
 ) -> DiffusersBackend:
     """Load ``model`` (see the module docstring) into a ``DiffusersBackend``."""
     device = resolve_device(device)
-    dtype = dtype or default_dtype(device)
+    resolve_precision(dtype, device)  # a bad policy is an error before anything is loaded
     name = os.fspath(model)
     if name in TINY_MODELS:
         pipe = build_tiny_pipeline(name, seed)
@@ -93,7 +87,7 @@ def load_backend(
                 f"model folder, or one of the random-weight test models {', '.join(TINY_MODELS)}."
             )
     info = info_from_pipeline(pipe, name, prediction_type)
-    return DiffusersBackend(pipe, info, device=device, dtype=dtype)
+    return DiffusersBackend(pipe, info, device=device, dtype=dtype or "auto")
 
 
 @contextlib.contextmanager
