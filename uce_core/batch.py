@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -169,16 +170,19 @@ def _error(job, err, started, crash=False) -> dict:
 
 
 def _test_crash_hook(folder: str, step: int) -> None:
-    """Test hook: with ``CONCEPT_EXPRESS_TEST_CRASH=FOLDER:STEP:MARKER`` the process running image FOLDER dies (as a
-    killed worker does) when its training reaches STEP, once: MARKER is created first, and an existing MARKER
-    disarms it, so the retried task runs through."""
+    """Test hook: with ``CONCEPT_EXPRESS_TEST_CRASH=ACTION:FOLDER:STEP:MARKER`` the process running image FOLDER,
+    when its training reaches STEP, dies at once (ACTION ``kill``: as a killed worker does) or gets SIGINT (``int``:
+    as from Ctrl-C). Once: MARKER is created first, and an existing MARKER disarms the hook, so a retry runs through."""
     spec = os.environ.get(TEST_CRASH_ENV)
     if not spec:
         return
-    name, at, marker = spec.split(":", 2)
+    action, name, at, marker = spec.split(":", 3)
     if name == folder and step == int(at) and not os.path.exists(marker):
         Path(marker).write_text(f"{os.getpid()}\n")
-        os._exit(17)
+        if action == "int":
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            os._exit(17)
 
 
 def read_image(path: str) -> bytes | None:
