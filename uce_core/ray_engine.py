@@ -128,7 +128,8 @@ class RayEngine:
                     except Exception as err:  # the task's worker died more often than the retries allow
                         from .batch import ImageResult
 
-                        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                        first = str(err).splitlines()[0] if str(err) else ""
+                        message = f"{type(err).__name__}: {first} (tried {self.max_retries + 1} time(s))"
                         result = ImageResult("crashed", data={"model": job.model, "error": message})
                     if result.status == "fatal":
                         raise ConceptExpressError(result.data["error"])
