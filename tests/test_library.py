@@ -1,6 +1,7 @@
 """extract-many on the local engine: the library on disk, its index, resuming, interrupts and refusals."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -217,3 +218,68 @@ def test_job_identity_ignores_what_does_not_change_results():
     assert json.loads(json.dumps(a.identity())) == a.identity()  # compares equal to what the index stores
     with pytest.raises(ConceptExpressError, match="not a concept library"):
         Library.open(Path("/nonexistent-library-folder"), None)
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
+
+
+def _chromium():
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the gallery test: install Debian's chromium (.ci/run does)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    return found
+
+
+def _find(screen: np.ndarray, tile: np.ndarray) -> tuple[int, int] | None:
+    """Top-left corner of an exact copy of ``tile`` in ``screen`` (both H x W x 3 uint8), or None."""
+    h, w = tile.shape[:2]
+    height, width = screen.shape[:2]
+    ys, xs = np.nonzero(np.all(screen[: height - h + 1, : width - w + 1] == tile[0, 0], axis=-1))
+    for y, x in zip(ys, xs):
+        if np.array_equal(screen[y, x : x + w], tile[0]) and np.array_equal(screen[y : y + h, x : x + w], tile):
+            return int(y), int(x)
+    return None
+
+
+def test_gallery_opened_in_headless_chromium_shows_every_image(local_library, tmp_path):
+    import subprocess
+
+    _, lib, _ = local_library
+    shot = tmp_path / "gallery.png"
+    command = [
+        _chromium(),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1000,1600",
+        f"--screenshot={shot}",
+        (lib / "index.html").resolve().as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and shot.exists(), result.stderr
+    with Image.open(shot) as im:
+        screen = np.asarray(im.convert("RGB"))
+    places = []
+    for folder in DONE:  # each set's numbered overlay, pixel for pixel, somewhere on the page
+        with Image.open(lib / folder / "concepts.png") as im:
+            place = _find(screen, np.asarray(im.convert("RGB")))
+        assert place is not None, f"{folder}/concepts.png is not on the rendered page"
+        places.append(place)
+    assert places == sorted(places)  # in the index's order, top to bottom
+    page = (lib / "index.html").read_text()
+    for folder, message in FAILED.items():
+        assert f"{folder}.png" in page and message.split(":")[-1].strip() in page
+    for folder in DONE:
+        assert f'src="{folder}/concept_1_mask.png"' in page and f"embedding:{folder}/concept_1" in page
