@@ -283,3 +283,22 @@ def test_gallery_opened_in_headless_chromium_shows_every_image(local_library, tm
         assert f"{folder}.png" in page and message.split(":")[-1].strip() in page
     for folder in DONE:
         assert f'src="{folder}/concept_1_mask.png"' in page and f"embedding:{folder}/concept_1" in page
+
+
+def test_preview_renders_one_sample_per_concept_into_the_gallery(tmp_path):
+    inputs = write_inputs(tmp_path / "in")
+    listing = tmp_path / "one.txt"
+    listing.write_text("in/a_gray.png\n")  # relative to the list's folder
+    lib = tmp_path / "lib"
+    code, _, err = run_main("extract-many", listing, "--out", lib, *SETTINGS, "--preview", "--preview-steps", "2")
+    assert code == 0, err
+    (entry,) = json.loads((lib / "index.json").read_text())["images"]
+    assert entry["image"] == str(inputs / "a_gray.png") and entry["status"] == "done"
+    page = (lib / "index.html").read_text()
+    with Image.open(lib / "a_gray" / "image.png") as im:
+        size = im.size
+    for concept in entry["concepts"]:
+        sample = lib / "a_gray" / "samples" / f"{concept['name']}.png"
+        with Image.open(sample) as im:
+            assert im.size == size and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 20  # a rendering
+        assert f'src="a_gray/samples/{concept["name"]}.png"' in page
