@@ -302,3 +302,28 @@ def test_preview_renders_one_sample_per_concept_into_the_gallery(tmp_path):
         with Image.open(sample) as im:
             assert im.size == size and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 20  # a rendering
         assert f'src="a_gray/samples/{concept["name"]}.png"' in page
+
+
+def test_progress_bar_shows_images_and_the_current_images_training():
+    import io
+
+    from concept_express.uce_core.batch import Display
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    display = Display(stream=screen)
+    entries = [Entry("/x/cat.png", "cat"), Entry("/x/dog.png", "dog")]
+    display.begin(2, 0)
+    display.started(entries[0])
+    display.training(entries[0], 3, 10, {"loss": 0.25})
+    assert screen.getvalue().rsplit("\r", 1)[-1].startswith("[" + "." * 24 + "] 0/2 images")
+    assert "cat: train 3/10 loss 0.2500" in screen.getvalue().rsplit("\r", 1)[-1]
+    display.finished(entries[0], "done", {"concepts": [{}, {}], "final_loss": 0.2})
+    display.started(entries[1])
+    display.training(entries[1], 10, 10, {"loss": 0.5})
+    last = screen.getvalue().rsplit("\r", 1)[-1]
+    assert last.startswith("[" + "#" * 12 + "." * 12 + "] 1/2 images") and "dog: train 10/10" in last
+    assert "cat" not in last and "[1/2] cat.png -> cat/: 2 concept(s), final loss 0.2000\n" in screen.getvalue()
