@@ -230,9 +230,3 @@ class Library:
 
     def clean_staging(self) -> None:
         shutil.rmtree(self.root / STAGING, ignore_errors=True)
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for e in self.entries:
-            out[e.status] = out.get(e.status, 0) + 1
-        return out
