@@ -86,13 +86,23 @@ class RayEngine:
                 raise ConceptExpressError(f"cannot join the Ray cluster at {self.address}: {err}") from None
         else:
             workers = self.workers or os.cpu_count() or 1
-            ray.init(
-                num_cpus=int(workers * self.cpus),
-                include_dashboard=False,
-                object_store_memory=self.object_store_mb * 2**20,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            for attempt in range(3):  # Ray gives its raylet a fixed 30 s to start: a busy machine may need longer
+                try:
+                    ray.init(
+                        num_cpus=int(workers * self.cpus),
+                        include_dashboard=False,
+                        object_store_memory=self.object_store_mb * 2**20,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                    )
+                    break
+                except Exception as err:
+                    ray.shutdown()
+                    if attempt == 2:
+                        raise ConceptExpressError(
+                            f"the local Ray instance did not start ({str(err).splitlines()[0]}); nothing was written. "
+                            "Try again when the machine is less busy, or run without --ray."
+                        ) from None
             self.started_here = True
         resources = ray.cluster_resources()
         gpus = self.gpus if self.gpus is not None else (1 if resources.get("GPU", 0) > 0 else 0)
