@@ -124,7 +124,12 @@ def main() -> None:
         modes = ([] if args.no_local else ["local"]) + [f"ray{w}" for w in args.workers]
         base = [sys.executable, __file__, "--work", str(work), *_passed(args)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        results = [run_worker([*base, "--mode", mode], env) for mode in modes]
+        results = []
+        for mode in modes:
+            try:
+                results.append(run_worker([*base, "--mode", mode], env))
+            except SystemExit as failure:  # e.g. Ray cannot start on an overloaded machine: report, go on
+                print(f"{mode}: no figure: {str(failure).strip().splitlines()[-1]}")
     one = next((r for r in results if r["mode"] == "ray1"), None)
     load = os.getloadavg()
     print(f"{args.images} images of {args.size} px, {args.model}, {args.steps} steps, {args.threads} torch thread(s)")
