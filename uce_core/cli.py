@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", help="output folder (default: CONCEPTS/images)")
     _model_options(generate)
     generate.set_defaults(run=run_generate)
+
+    from .cli_library import add_commands  # extract-many, evaluate
+
+    add_commands(sub)
     return parser
 
 
@@ -402,21 +406,10 @@ def _schedule(args) -> tuple[int, int]:
     return steps, merge_step
 
 
-def run_extract(args) -> int:
-    from .export import check_export_target, export_names, export_tokens, sanitize_name
-    from .previews import attention_rows_preview, eot_preview
-    from .train import TrainSettings, checkpoint_fingerprint, run_fingerprint, train_concept_tokens
+def train_settings(args):
+    """The TrainSettings of the token-learning options (validated)."""
+    from .train import TrainSettings
 
-    image, model = _resolve_inputs(args)
-    previews = {"attention_rows.png": attention_rows_preview, "eot.png": eot_preview}
-    out = _output_folder(Path(args.out), args.overwrite, tuple(previews))
-    prefix = sanitize_name(args.prefix, "prefix", stem=False)
-    started = time.perf_counter()
-    backend = _load_announced(args, model)
-    maps = _capture(args, backend, image)
-    concepts = _localize(args, maps)
-    _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
-    check_export_target(out, export_names([""] * len(concepts), prefix), args.overwrite)
     steps, merge_step = _schedule(args)
     settings = TrainSettings(
         steps=steps,
@@ -437,6 +430,25 @@ def run_extract(args) -> int:
         checkpoint_every=args.checkpoint_every,
     )
     settings.validate()
+    return settings
+
+
+def run_extract(args) -> int:
+    from .export import check_export_target, export_names, export_tokens, sanitize_name
+    from .previews import attention_rows_preview, eot_preview
+    from .train import checkpoint_fingerprint, run_fingerprint, train_concept_tokens
+
+    image, model = _resolve_inputs(args)
+    previews = {"attention_rows.png": attention_rows_preview, "eot.png": eot_preview}
+    out = _output_folder(Path(args.out), args.overwrite, tuple(previews))
+    prefix = sanitize_name(args.prefix, "prefix", stem=False)
+    started = time.perf_counter()
+    backend = _load_announced(args, model)
+    maps = _capture(args, backend, image)
+    concepts = _localize(args, maps)
+    _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
+    check_export_target(out, export_names([""] * len(concepts), prefix), args.overwrite)
+    settings = train_settings(args)
     checkpoint = out / CHECKPOINT
     if checkpoint.exists() and not args.resume:
         if not args.overwrite:
