@@ -24,7 +24,9 @@ def main() -> None:
     # the ball, the mug and the lamp in the crop's coordinates
     for number, (x, y) in enumerate([(48, 175), (128, 150), (226, 86)], start=1):
         colour = COLOURS[number - 1]
-        draw.rounded_rectangle([x - 19, y - 19, x + 19, y + 19], radius=6, fill=colour, outline=(255, 255, 255), width=3)
+        draw.rounded_rectangle(
+            [x - 19, y - 19, x + 19, y + 19], radius=6, fill=colour, outline=(255, 255, 255), width=3
+        )
         draw.text((x, y), str(number), fill=(255, 255, 255), font=font, anchor="mm")
     icon.save(HERE / "icon.png", optimize=True)
 
