@@ -222,9 +222,16 @@ def test_missing_checkpoint_is_offered_for_download(server, browser):
         page.get_by_text(model["directory"]).first.wait_for()
         download = page.get_by_role("button", name="Download").filter(has_not_text="all").first
         download.wait_for()
+        title = download.get_attribute("title") or ""
         view.requests.clear()
         download.click()
         page.wait_for_timeout(3000)
-        assert model["url"] in view.requests, view.requests  # offline here, but the download was asked for
+        hub = [u for u in view.requests if u.startswith("https://huggingface.co/")]
+        # offline here, but the download was asked for: 1.4x/1.5x open the file's URL; 1.35.9 shows the URL as the
+        # button's title and, when it cannot read the file's size, opens the repository's page
+        assert model["url"] in hub or (title == model["url"] and hub and model["url"].startswith(hub[0] + "/")), (
+            title,
+            view.requests,
+        )
     finally:
         view.close()
