@@ -9,7 +9,7 @@ import time
 import comfy_workflows as cw
 from comfy_server import PACK_NAME
 
-RUN_TIMEOUT = 1500
+RUN_TIMEOUT = 3600  # one queue; the extract template at 512 px on a busy 2-core CPU took over 25 min
 MISSING = "does not exist"  # ComfyUI's log line for an embedding it cannot find: "warning, embedding:X does not exist"
 SHAPE_MISMATCH = "shape mismatch"  # ... and for one whose width does not fit the text encoder
 
