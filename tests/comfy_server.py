@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui-concept-express"  # the folder name a user's clone gets in custom_nodes
-SERVER_LIFETIME_S = 3600  # hard limit for one server process
+SERVER_LIFETIME_S = 3 * 3600  # hard limit for one server process (one serves the whole real-ComfyUI suite)
 TERMINAL = {"execution_success", "execution_error", "execution_interrupted"}
 
 
