@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 
 if __package__:  # imported as a package: by ComfyUI, or as concept_express
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402  (no ComfyUI import happens here)
+    from .nodes.example import install_example_image  # noqa: E402
+
+    install_example_image()  # inside ComfyUI: the templates' example image into its input folder (never replaces one)
 # else: pytest imports this file on its own (no parent package) when the checkout's folder name is not a Python
 # name, e.g. a clone named comfyui-concept-express; there is nothing to export then.
 

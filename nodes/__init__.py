@@ -9,6 +9,7 @@ from .capture import CaptureAttention
 from .compose import ComposeConceptPrompt
 from .load import LoadConceptTokens
 from .localize import LocalizeConcepts
+from .sheet import ConceptContactSheet
 from .train import TrainConceptTokens
 
 NODE_CLASS_MAPPINGS = {
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "TrainConceptTokens": TrainConceptTokens,
     "ComposeConceptPrompt": ComposeConceptPrompt,
     "LoadConceptTokens": LoadConceptTokens,
+    "ConceptContactSheet": ConceptContactSheet,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -25,4 +27,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TrainConceptTokens": "Train Concept Tokens (ConceptExpress)",
     "ComposeConceptPrompt": "Compose Concept Prompt (ConceptExpress)",
     "LoadConceptTokens": "Load Concept Tokens (ConceptExpress)",
+    "ConceptContactSheet": "Concept Contact Sheet (ConceptExpress)",
 }

@@ -1,10 +1,16 @@
 """Test support: random-weight single-file checkpoints that ComfyUI's stock loader detects as SD1.5 or SDXL.
 
-ComfyUI recognises a model family from the UNet's key layout and a few dimensions (SD1.5: 320 model channels,
-768-wide context, conv projections; SDXL: 320 channels, transformer depths [0, 0, 2, 2, 10, 10], 2048-wide
-context, 2816-wide class embedding) and builds CLIP and the VAE with fixed architectures. So these checkpoints have
-UNets with the detected dimensions but a third of the width growth (every level 320 channels), and full-size
-random CLIP text encoders and VAE. The weights are random; what they generate is noise.
+ComfyUI recognises a model family from a few UNet dimensions (SD1.5: 320 model channels, 768-wide context, conv
+projections, no class embedding; SDXL: 320 channels, 2048-wide context, 2816-wide class embedding), not from the
+number of levels or where the attention sits, and builds CLIP and the VAE with fixed architectures. So these
+checkpoints have small UNets with the detected dimensions and full-size random CLIP text encoders and VAE:
+
+* SD1.5: three levels of 320 channels, one ResNet each, attention only at the lowest (1/4 of the latent grid: the
+  16 x 16 grid whose cross-attention the method reads for a 512 px image, as in SD1.5), so no attention map at
+  64 x 64 or 32 x 32 is computed or recorded;
+* SDXL: SDXL's layout (no attention at the top level, transformer depths 1, 2, 10) at 320 channels throughout.
+
+The weights are random; what they generate is noise.
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ def mini_pipeline(kind: str, seed: int = 0):
                 layers_per_block=1,
                 cross_attention_dim=768,
                 attention_head_dim=8,
-                down_block_types=("CrossAttnDownBlock2D",) * 3,
-                up_block_types=("CrossAttnUpBlock2D",) * 3,
+                down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
             )
             text = CLIPTextModel(CLIPTextConfig(**_config("sd1", "text_encoder")))
             return StableDiffusionPipeline(

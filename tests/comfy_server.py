@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui-concept-express"  # the folder name a user's clone gets in custom_nodes
-SERVER_LIFETIME_S = 3600  # hard limit for one server process
+SERVER_LIFETIME_S = 3 * 3600  # hard limit for one server process (one serves the whole real-ComfyUI suite)
 TERMINAL = {"execution_success", "execution_error", "execution_interrupted"}
 
 
@@ -44,11 +44,16 @@ def checkpoint_cache() -> Path:
     return path
 
 
+# File names of the test checkpoints (a new name whenever comfy_checkpoints changes an architecture, so that a cache
+# never serves an old one).
+CHECKPOINTS = {"sd15": "concept-express-test-sd15-v2.safetensors", "sdxl": "concept-express-test-sdxl.safetensors"}
+
+
 def ensure_checkpoint(kind: str) -> Path:
     """The cached ``kind`` ("sd15" or "sdxl") checkpoint that ComfyUI's loader detects as that family."""
     from comfy_checkpoints import save_comfy_checkpoint
 
-    return save_comfy_checkpoint(kind, checkpoint_cache() / f"concept-express-test-{kind}.safetensors")
+    return save_comfy_checkpoint(kind, checkpoint_cache() / CHECKPOINTS[kind])
 
 
 def ensure_instruct_pix2pix_unet() -> Path:
@@ -57,7 +62,7 @@ def ensure_instruct_pix2pix_unet() -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    path = checkpoint_cache() / "concept-express-test-sd15-ip2p-unet.safetensors"
+    path = checkpoint_cache() / "concept-express-test-sd15-v2-ip2p-unet.safetensors"
     if not path.exists():
         prefix = "model.diffusion_model."
         state = {k[len(prefix) :]: v for k, v in load_file(ensure_checkpoint("sd15")).items() if k.startswith(prefix)}
@@ -176,6 +181,17 @@ class ComfyServer:
         if getattr(self, "log_file", None):
             self.log_file.close()
 
+    def peak_memory_gib(self) -> float:
+        """The server process's peak resident memory so far (Linux VmHWM), GiB."""
+        pid = self.process.pid
+        for candidate in [pid, *_children(pid)]:
+            status = Path(f"/proc/{candidate}/status")
+            if status.exists() and "main.py" in Path(f"/proc/{candidate}/cmdline").read_text(errors="replace"):
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 2**20
+        raise RuntimeError("cannot read the server's memory")
+
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
@@ -247,6 +263,11 @@ class ComfyServer:
         return run
 
 
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
 class PromptRejected(Exception):
     """POST /prompt answered with an error (validation); ``args[0]`` is the server's JSON."""
 
@@ -301,13 +322,12 @@ def artifacts_dir(tmp_path_factory) -> Path:
 
 @contextlib.contextmanager
 def running_server(tmp_path_factory, name: str, checkpoints=("sd15",)):
-    """A started server with the test checkpoints and ComfyUI's example image (what the shipped workflow loads);
-    stopped on exit, its log kept in the artifacts as ``<name>-server.log``."""
+    """A started server with the test checkpoints and an empty input folder (the pack puts its example image there
+    when ComfyUI loads it); stopped on exit, its log kept in the artifacts as ``<name>-server.log``."""
     comfyui = comfyui_path()
     server = ComfyServer(comfyui, tmp_path_factory.mktemp(f"comfyui-{name}"))
     for kind in checkpoints:
         server.add_checkpoint(ensure_checkpoint(kind))
-    shutil.copy(comfyui / "input" / "example.png", server.input / "example.png")
     try:
         yield server.start()
     finally:

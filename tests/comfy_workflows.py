@@ -16,7 +16,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
-WORKFLOW_NAMES = ("extract", "reuse")
+# The frontend titles a pack's template by its file name (and shows <name>.jpg on its card).
+EXTRACT = "Extract every concept from one image"
+REUSE = "Reuse extracted concepts in a new prompt"
+WORKFLOW_NAMES = (EXTRACT, REUSE)
+EXAMPLE_IMAGE = "concept-express-example.png"  # what the templates' Load Image selects (nodes/example.py)
 
 # Frontend-only node types: never sent to the server (graphToPrompt skips virtual nodes).
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -80,6 +84,11 @@ STOCK_NODES = {
     },
     "VAEDecode": {"input": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}}, "output": ("IMAGE",)},
 }
+
+# Outputs that newer ComfyUI versions added to stock nodes (declared above as ComfyUI 0.8.0 has them). ComfyUI 0.33.0
+# gives Save Image and Preview Image a pass-through IMAGE output ("images"); a workflow whose nodes list no such output
+# (saved by an older frontend, like ours) loads and runs on both.
+ADDED_OUTPUTS = {"SaveImage": ("IMAGE",), "PreviewImage": ("IMAGE",)}
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -234,11 +243,8 @@ def set_inputs(prompt: dict, class_type: str, **values) -> None:
         prompt[i]["inputs"].update(values)
 
 
-def branch_nodes(workflow: dict, template: str) -> list[int]:
-    """The ComposeConceptPrompt with ``template`` and every node downstream of it (a sampling branch)."""
-    (start,) = [
-        n["id"] for n in workflow["nodes"] if n["type"] == "ComposeConceptPrompt" and n["widgets_values"][0] == template
-    ]
+def downstream(workflow: dict, start: int) -> list[int]:
+    """``start`` and every node downstream of it."""
     found, frontier = [start], [start]
     while frontier:
         current = frontier.pop()

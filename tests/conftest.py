@@ -80,3 +80,25 @@ def concepts_for():
         return _tiny_backend(name), hand_made_concepts(maps, chosen)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """One real ComfyUI server (COMFYUI_PATH) for all real-ComfyUI test modules: this pack, the random-weight SD1.5
+    and SDXL test checkpoints, its own temporary folders. Started on first use, stopped at the end of the session."""
+    from comfy_server import running_server
+
+    with running_server(tmp_path_factory, "comfyui", checkpoints=("sd15", "sdxl")) as server:
+        yield server
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CONCEPT_EXPRESS_REQUIRE_ALL=1 (.ci/run's real-ComfyUI step) a skipped test is a failure: every test of
+    that run must have what it needs (ComfyUI, chromium, comfy-cli)."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CONCEPT_EXPRESS_REQUIRE_ALL") == "1" and report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but this run must run every test: {reason}"

@@ -1,17 +1,27 @@
 """Against a real ComfyUI server (COMFYUI_PATH, run with ComfyUI's own Python) with the pack loaded through
 --extra-model-paths-config and a random-weight checkpoint that ComfyUI's stock loader detects as SD1.5.
 
-The shipped workflows are converted to API format with the server's /object_info and queued over HTTP with small
-settings (256 px capture, 2 training steps, 2 sampling steps at 128 px); everything else is as shipped.
+Each template is queued as a user's first run queues it: converted to API format with the server's /object_info,
+its own example image and widget values, only the checkpoint, the step counts and the latent size made small
+(comfy_checks.FIRST_RUN). Tests of other behaviour (errors, cancel) build on that run or say what they change.
 """
 
 import time
 
 import comfy_workflows as cw
+import numpy as np
 import pytest
-from comfy_checks import assert_clear_error, assert_embeddings_found, describe, embedding_files, png_size, run_logged
-from comfy_checks import shipped as shipped_workflow
-from comfy_server import PACK_NAME, comfyui_path, ensure_instruct_pix2pix_unet, running_server
+from comfy_checks import (
+    FIRST_RUN,
+    assert_clear_error,
+    assert_embeddings_found,
+    describe,
+    embedding_files,
+    png_size,
+    run_logged,
+    shipped,
+)
+from comfy_server import CHECKPOINTS, PACK_NAME, artifacts_dir, comfyui_path, ensure_instruct_pix2pix_unet
 
 from concept_express.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
@@ -23,22 +33,15 @@ pytestmark = [
     ),
 ]
 
-CHECKPOINT = "concept-express-test-sd15.safetensors"
-PREFIX = "cx_test"
-RESOLUTION = 256
-LATENT = 128
-SMALL = {
-    "CaptureAttention": {"resolution": RESOLUTION},
-    "TrainConceptTokens": {"name_prefix": PREFIX, "steps": 2, "merge_step": 1, "split_tokens": 2},
-    "KSampler": {"steps": 2},
-    "EmptyLatentImage": {"width": LATENT, "height": LATENT},
-}
+CHECKPOINT = CHECKPOINTS["sd15"]
+PREFIX = "concept"  # the template's name_prefix, as shipped
+LATENT = FIRST_RUN["EmptyLatentImage"]["width"]
+TILE = 256  # Concept Contact Sheet's tile, as shipped
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory, "sd15") as server:
-        yield server
+def server(comfy):
+    return comfy
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +49,25 @@ def object_info(server):
     return server.object_info()
 
 
-def shipped(name, object_info, *, prefix=PREFIX, enable_templates=()):
-    settings = {**SMALL, "TrainConceptTokens": {**SMALL["TrainConceptTokens"], "name_prefix": prefix}}
-    return shipped_workflow(
-        name, object_info, checkpoint=CHECKPOINT, settings=settings, enable_templates=enable_templates
-    )
-
-
 @pytest.fixture(scope="module")
-def extract(server, object_info):
-    prompt = shipped("extract", object_info)
+def extract(server, object_info, tmp_path_factory):
+    """The extract template, queued once as shipped (FIRST_RUN: small step counts and latent)."""
+    prompt = shipped(cw.EXTRACT, object_info, checkpoint=CHECKPOINT, settings=FIRST_RUN)
     run, log = run_logged(server, prompt)
-    assert run.status == "execution_success", describe(run)
+    peak = server.peak_memory_gib()
+    print(f"extract as shipped: {describe(run)}; server peak memory {peak:.1f} GiB")
+    assert run.status == "execution_success", describe(run) + "\n" + log[-3000:]
     (train,) = cw.nodes_of(prompt, "TrainConceptTokens")
     names = run.history["outputs"][train]["text"][0].splitlines()
-    return {"prompt": prompt, "run": run, "log": log, "train": train, "names": names}
+    return {"prompt": prompt, "run": run, "log": log, "train": train, "names": names, "peak": peak}
+
+
+def node_of(prompt, class_type, **inputs):
+    """The one node of ``class_type`` whose inputs include ``inputs``."""
+    (node,) = [
+        n for n in cw.nodes_of(prompt, class_type) if all(prompt[n]["inputs"].get(k) == v for k, v in inputs.items())
+    ]
+    return node
 
 
 # -- registration and templates -------------------------------------------------------------------------------------
@@ -78,10 +85,16 @@ def test_our_nodes_are_registered_as_declared(object_info):
         assert info["output"] == list(cls.RETURN_TYPES) and info["output_name"] == list(cls.RETURN_NAMES)
         assert info["output_node"] == bool(getattr(cls, "OUTPUT_NODE", False))
         assert info["description"] == cls.DESCRIPTION
+        # list outputs and list inputs: what makes one queue render every concept
+        assert info["output_is_list"] == list(getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES)))
+        assert info["is_input_list"] == bool(getattr(cls, "INPUT_IS_LIST", False))
+    assert object_info["ComposeConceptPrompt"]["output_is_list"] == [True, True, True]
+    assert object_info["ConceptContactSheet"]["is_input_list"] is True
 
 
 def test_stock_nodes_are_as_listed_for_the_ci_tests(object_info):
-    """comfy_workflows.STOCK_NODES (what the CI tests check the workflows against) matches this ComfyUI."""
+    """comfy_workflows.STOCK_NODES (what the CI tests check the workflows against) matches this ComfyUI, up to the
+    outputs newer versions added (ADDED_OUTPUTS)."""
     real = cw.declarations_from_object_info(object_info, cw.STOCK_NODES)
     for name, listed in cw.STOCK_NODES.items():
         server_inputs, listed_inputs = cw.declared_inputs(real[name]), cw.declared_inputs(listed)
@@ -95,22 +108,23 @@ def test_stock_nodes_are_as_listed_for_the_ci_tests(object_info):
                 assert spec[0] == ours[0], (name, input_name)
                 for key in ("min", "max"):
                     assert spec[1].get(key) == ours[1].get(key), (name, input_name, key)
-        assert real[name]["output"] == listed["output"], name
+        assert real[name]["output"] in (listed["output"], listed["output"] + cw.ADDED_OUTPUTS.get(name, ())), name
         assert [(s.input, s.kind) for s in cw.widget_slots(real[name])] == [
             (s.input, s.kind) for s in cw.widget_slots(listed)
         ], name
 
 
-def test_workflows_are_served_as_templates(server):
+def test_templates_are_served_under_their_titles(server):
+    import urllib.parse
+
     assert sorted(server.get("/workflow_templates")[PACK_NAME]) == sorted(cw.WORKFLOW_NAMES)
     for name in cw.WORKFLOW_NAMES:
-        assert server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.json") == cw.load(name)
-        assert (
-            server.get(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg") == (cw.WORKFLOWS / f"{name}.jpg").read_bytes()
-        )
+        path = f"/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(name)}"
+        assert server.get(path + ".json") == cw.load(name)
+        assert server.get(path + ".jpg") == (cw.WORKFLOWS / f"{name}.jpg").read_bytes()
 
 
-# -- the extract workflow ---------------------------------------------------------------------------------------------
+# -- the extract template, as shipped -------------------------------------------------------------------------------
 
 
 def test_extract_writes_one_embedding_per_concept(extract, server):
@@ -131,7 +145,7 @@ def test_extract_uses_the_embeddings_with_no_missing_warning(extract):
     assert_embeddings_found(extract["log"])
 
 
-def test_a_missing_embedding_does_show_in_the_log(server, object_info):
+def test_a_missing_embedding_does_show_in_the_log(server):
     """Control for the test above: the same log gets ComfyUI's warning when a name is wrong."""
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
@@ -146,15 +160,49 @@ def test_a_missing_embedding_does_show_in_the_log(server, object_info):
     assert "embedding:nowhere/nowhere_1 does not exist" in log
 
 
-def test_extract_images_come_out(extract, server):
-    prompt, run = extract["prompt"], extract["run"]
-    saves = cw.nodes_of(prompt, "SaveImage")
-    assert len(saves) == 2  # composition and concept 1 (concepts 2 and 3 are muted as shipped)
-    for node in saves:
-        (image,) = run.images(node)
+def test_extract_renders_every_concept_and_all_of_them_from_one_queue(extract, server, tmp_path_factory):
+    """One queue, one sampler in the graph: a render per concept and one of all of them, saved; the contact sheet
+    has each render in its tile (in order) beside the overlay. The sheet is kept in the artifacts."""
+    from PIL import Image
+
+    prompt, run, count = extract["prompt"], extract["run"], len(extract["names"])
+    assert len(cw.nodes_of(prompt, "KSampler")) == 1
+    renders = run.images(node_of(prompt, "SaveImage", filename_prefix="ConceptExpress/concept"))
+    assert len(renders) == count + 1
+    pictures = []
+    for image in renders:
         assert image["type"] == "output" and image["subfolder"] == "ConceptExpress"
-        assert png_size(server.view(image)) == (LATENT, LATENT)
         assert (server.output / image["subfolder"] / image["filename"]).is_file()
+        pictures.append(np.asarray(Image.open(server.output / image["subfolder"] / image["filename"]).convert("RGB")))
+        assert pictures[-1].shape == (LATENT, LATENT, 3)
+    (sheet_image,) = run.images(node_of(prompt, "SaveImage", filename_prefix="ConceptExpress/contact_sheet"))
+    sheet_path = server.output / sheet_image["subfolder"] / sheet_image["filename"]
+    sheet = np.asarray(Image.open(sheet_path).convert("RGB")).astype(int)
+    (localize,) = cw.nodes_of(prompt, "LocalizeConcepts")
+    overlay = next(i for i in cw.nodes_of(prompt, "PreviewImage") if prompt[i]["inputs"]["images"] == [localize, 2])
+    (overlay_image,) = run.images(overlay)
+    overlay_w, overlay_h = png_size(server.view(overlay_image))
+    # the layout: overlay at the left, then the tiles, at most 4 a row, gaps of max(4, tile / 32)
+    gap, columns = max(4, TILE // 32), min(4, count + 1)
+    rows = (count + 1 + columns - 1) // columns
+    grid_w, grid_h = columns * TILE + (columns - 1) * gap, rows * TILE + (rows - 1) * gap
+    scale = min(grid_h / overlay_h, 2 * TILE / overlay_w)
+    left = round(overlay_w * scale) + 2 * gap
+    assert sheet.shape[:2] == (grid_h + 2 * gap, left + grid_w + 2 * gap)
+    for k, picture in enumerate(pictures):  # tile k shows render k (bottom-right quarter: clear of the label)
+        x0, y0 = left + gap + (k % columns) * (TILE + gap), gap + (k // columns) * (TILE + gap)
+        tile = Image.fromarray(sheet[y0 : y0 + TILE, x0 : x0 + TILE].astype(np.uint8)).resize((LATENT, LATENT))
+        quarter = slice(LATENT // 2, LATENT)
+        difference = np.abs(np.asarray(tile).astype(int)[quarter, quarter] - picture[quarter, quarter].astype(int))
+        others = [np.abs(np.asarray(tile).astype(int)[quarter, quarter] - p[quarter, quarter]).mean() for p in pictures]
+        assert difference.mean() < 12 and difference.mean() == min(others), (k, difference.mean(), others)
+    kept = artifacts_dir(tmp_path_factory) / "extract-contact-sheet.png"
+    kept.write_bytes(sheet_path.read_bytes())
+    print(f"contact sheet: {kept}")
+
+
+def test_extract_previews_come_out(extract, server):
+    prompt, run = extract["prompt"], extract["run"]
     for node in cw.nodes_of(prompt, "PreviewImage"):  # EOT map, overlay, masks, loss curve
         images = run.images(node)
         assert images, prompt[node]
@@ -164,58 +212,52 @@ def test_extract_images_come_out(extract, server):
 
 def test_second_queue_reuses_the_saved_set(extract, server):
     """With ComfyUI's cache dropped (as after a restart), the same graph runs Train Concept Tokens again, which
-    finds the finished set and loads it instead of training."""
-    before = embedding_files(server, PREFIX)
+    finds the finished set and loads it instead of training. (Another prefix and a 256 px capture: dropping the
+    cache re-runs everything before training, and this tests the reuse, not a first run.)"""
+    prefix = "cx_again"
+    prompt = {k: {**v, "inputs": dict(v["inputs"])} for k, v in extract["prompt"].items()}
+    train = extract["train"]
+    prompt[train]["inputs"]["name_prefix"] = prefix
+    prompt[node_of(prompt, "CaptureAttention")]["inputs"]["resolution"] = 256
+    first, _ = run_logged(server, prompt)
+    assert first.status == "execution_success", describe(first)
+    names = first.history["outputs"][train]["text"][0].splitlines()
+    before = embedding_files(server, prefix)
     server.post("/free", {"free_memory": True})
     time.sleep(2)  # the flag is applied by the prompt worker before it takes the next prompt
-    run, log = run_logged(server, extract["prompt"])
-    assert run.status == "execution_success", describe(run)
-    train = extract["train"]
-    assert train in run.executed_nodes() and train not in run.cached_nodes()
-    assert run.progress(train) == []  # no training step
-    assert run.node_seconds(train) < extract["run"].node_seconds(train) / 2
-    assert run.history["outputs"][train]["text"][0].splitlines() == extract["names"]
-    assert embedding_files(server, PREFIX) == before  # nothing rewritten
-    assert_embeddings_found(log)
-
-
-def test_enabling_the_branch_of_each_further_concept(extract, server, object_info):
-    count = len(extract["names"])
-    if count < 2:
-        pytest.skip(f"the test image gave {count} concept at {RESOLUTION} px; no second branch to enable")
-    enabled = [f"a photo of {{{k}}}" for k in range(2, min(count, 3) + 1)]
-    prompt = shipped("extract", object_info, enable_templates=enabled)
     run, log = run_logged(server, prompt)
     assert run.status == "execution_success", describe(run)
-    assert extract["train"] in run.cached_nodes()  # training is not repeated
-    new = [n for n in cw.nodes_of(prompt, "SaveImage") if n in run.executed_nodes()]
-    assert sorted(prompt[n]["inputs"]["filename_prefix"] for n in new) == [
-        f"ConceptExpress/concept_{k}" for k in range(2, min(count, 3) + 1)
-    ]
-    for node in new:
-        (image,) = run.images(node)
-        assert png_size(server.view(image)) == (LATENT, LATENT)
+    assert train in run.executed_nodes() and train not in run.cached_nodes()
+    assert run.progress(train) == []  # no training step
+    assert run.node_seconds(train) < first.node_seconds(train) / 2
+    assert run.history["outputs"][train]["text"][0].splitlines() == names
+    assert embedding_files(server, prefix) == before  # nothing rewritten
     assert_embeddings_found(log)
 
 
-# -- the reuse workflow -----------------------------------------------------------------------------------------------
+# -- the reuse template, as shipped ---------------------------------------------------------------------------------
 
 
-def test_reuse_samples_with_the_saved_set(extract, server, object_info):
-    prompt = shipped("reuse", object_info)
-    cw.set_inputs(prompt, "LoadConceptTokens", concept_set=PREFIX)
+def test_reuse_samples_with_the_set_the_extract_template_saved(extract, server, object_info, tmp_path_factory):
+    settings = {k: FIRST_RUN[k] for k in ("KSampler", "EmptyLatentImage")}
+    prompt = shipped(cw.REUSE, object_info, checkpoint=CHECKPOINT, settings=settings)
+    assert prompt[node_of(prompt, "LoadConceptTokens")]["inputs"]["concept_set"] == PREFIX  # as shipped
     run, log = run_logged(server, prompt)
     assert run.status == "execution_success", describe(run)
     (save,) = cw.nodes_of(prompt, "SaveImage")
     (image,) = run.images(save)
     assert png_size(server.view(image)) == (LATENT, LATENT)
     assert_embeddings_found(log)
+    # for the thumbnails (assets/make_thumbnails.py): the render and the set's numbered concepts
+    artifacts = artifacts_dir(tmp_path_factory)
+    (artifacts / "reuse-render.png").write_bytes(server.view(image))
+    (artifacts / "reuse-concepts.png").write_bytes((server.embeddings / PREFIX / "concepts.png").read_bytes())
 
 
 # -- bad inputs: clear errors -----------------------------------------------------------------------------------------
 
 
-def _capture_prompt(image="example.png", model=None):
+def _capture_prompt(image=cw.EXAMPLE_IMAGE, model=None):
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "2": {"class_type": "LoadImage", "inputs": {"image": image}},
@@ -228,7 +270,7 @@ def _capture_prompt(image="example.png", model=None):
                 "image": ["2", 0],
                 "timestep": 0,
                 "resize": "keep",
-                "resolution": RESOLUTION,
+                "resolution": 256,
             },
         },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
@@ -255,21 +297,19 @@ def test_an_unsupported_model_is_a_clear_error(server):
     assert_clear_error(run, "CaptureAttention", "SD15_instructpix2pix", "SD1.x, SD2.x and SDXL", "Load Checkpoint")
 
 
-def test_a_branch_for_a_concept_that_does_not_exist_is_a_clear_error(extract, server, object_info):
+def test_a_prompt_for_a_concept_that_does_not_exist_is_a_clear_error(extract, server):
     count = len(extract["names"])
-    prompt = shipped("extract", object_info)
-    (compose,) = [
-        n for n in cw.nodes_of(prompt, "ComposeConceptPrompt") if prompt[n]["inputs"]["template"] == "a photo of {1}"
-    ]
-    prompt[compose]["inputs"]["template"] = f"a photo of {{{count + 1}}}"
+    prompt = {k: {**v, "inputs": dict(v["inputs"])} for k, v in extract["prompt"].items()}
+    compose = node_of(prompt, "ComposeConceptPrompt")
+    prompt[compose]["inputs"].update(template=f"a photo of {{{count + 1}}}", mode="single")
     run, _ = run_logged(server, prompt)
     assert_clear_error(run, "ComposeConceptPrompt", f"{{{count + 1}}}", f"only {count} concept")
 
 
-def test_retraining_into_an_existing_set_is_refused(extract, server, object_info):
+def test_retraining_into_an_existing_set_is_refused(extract, server):
     before = embedding_files(server, PREFIX)
-    prompt = shipped("extract", object_info)
-    cw.set_inputs(prompt, "TrainConceptTokens", steps=SMALL["TrainConceptTokens"]["steps"] + 1)
+    prompt = {k: {**v, "inputs": dict(v["inputs"])} for k, v in extract["prompt"].items()}
+    prompt[extract["train"]]["inputs"]["steps"] += 1
     run, _ = run_logged(server, prompt)
     assert_clear_error(run, "TrainConceptTokens", "already exist", "nothing was written")
     assert embedding_files(server, PREFIX) == before
@@ -278,11 +318,14 @@ def test_retraining_into_an_existing_set_is_refused(extract, server, object_info
 # -- Cancel -----------------------------------------------------------------------------------------------------------
 
 
-def test_cancel_stops_training_within_a_step_and_the_next_run_resumes(server, object_info):
-    prefix, steps = "cx_cancel", 4
-    prompt = shipped("extract", object_info, prefix=prefix)
-    cw.set_inputs(prompt, "TrainConceptTokens", steps=steps)
-    (train,) = cw.nodes_of(prompt, "TrainConceptTokens")
+def test_cancel_stops_training_within_a_step_and_the_next_run_resumes(extract, server):
+    """The extract template as queued above with another name prefix, 3 steps and, to keep the CPU run short, a
+    256 px capture (this tests stopping and resuming training, not a first run)."""
+    prefix, steps = "cx_cancel", 3
+    prompt = {k: {**v, "inputs": dict(v["inputs"])} for k, v in extract["prompt"].items()}
+    train = extract["train"]
+    prompt[train]["inputs"].update(name_prefix=prefix, steps=steps)
+    prompt[node_of(prompt, "CaptureAttention")]["inputs"]["resolution"] = 256
     checkpoint = server.output / "concept-express-checkpoints" / f"{prefix}.safetensors"
     seen = {}
 

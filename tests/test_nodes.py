@@ -25,7 +25,14 @@ COMFY_TYPES = {
     "UCE_CONCEPTS",
     "UCE_TOKENS",
 }
-EXPECTED = {"CaptureAttention", "LocalizeConcepts", "TrainConceptTokens", "ComposeConceptPrompt", "LoadConceptTokens"}
+EXPECTED = {
+    "CaptureAttention",
+    "LocalizeConcepts",
+    "TrainConceptTokens",
+    "ComposeConceptPrompt",
+    "LoadConceptTokens",
+    "ConceptContactSheet",
+}
 
 
 def test_the_pack_exports_the_nodes():
@@ -80,14 +87,14 @@ def test_compose_text_writes_comfyui_embedding_syntax():
 
 def test_compose_node_takes_names_from_tokens_or_text():
     node = ComposeConceptPrompt()
-    text, conditioning = node.compose("a photo of {2}", embedding_names="a/a_1\na/a_2")
+    (text,), (conditioning,), _ = node.compose("a photo of {2}", embedding_names="a/a_1\na/a_2")
     assert text == "a photo of embedding:a/a_2" and conditioning is None
 
     class Tokens:
         names = ["x_1"]
         info = {"embedding_names": ["x/x_1"]}
 
-    assert node.compose("{1}", tokens=Tokens())[0] == "embedding:x/x_1"
+    assert node.compose("{1}", tokens=Tokens())[0] == ["embedding:x/x_1"]
 
 
 def test_a_damaged_or_older_saved_manifest_never_counts_as_the_same_run(tmp_path):

@@ -1,6 +1,7 @@
 """The package as users install it: one import name, no ComfyUI needed, the README's commands, the CLI."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,12 @@ def test_ci_runs_the_readmes_test_command():
         sys.path.pop(0)
     test_command = readme_command("test")
     assert "pip install" in test_command and "pytest" in test_command
-    assert "TRITON_INTERPRET=1" in (ROOT / ".ci/run").read_text()
-    assert "readme_command.py test" in (ROOT / ".ci/run").read_text()
+    ci = (ROOT / ".ci/run").read_text()
+    assert "TRITON_INTERPRET=1" in ci
+    assert "readme_command.py test" in ci
+    # lint first (a pinned ruff), then the README's command, then the real-ComfyUI suite with nothing skipped
+    assert ci.index("ruff==$RUFF_VERSION") < ci.index("readme_command.py test") < ci.index("-m pytest -m comfyui")
+    assert re.search(r"^RUFF_VERSION=\d+\.\d+\.\d+$", ci, re.M) and "CONCEPT_EXPRESS_REQUIRE_ALL=1" in ci
     demo = readme_command("demo")
     assert "concept-express" in demo and "--demo" in demo
     # exactly two set-up commands on the README's first screen

@@ -9,7 +9,7 @@ import comfy_workflows as cw
 import pytest
 
 from concept_express.nodes import NODE_CLASS_MAPPINGS
-from concept_express.nodes.compose import compose_text
+from concept_express.nodes.compose import compose_prompts
 
 DECLARATIONS = {**cw.STOCK_NODES, **cw.our_declarations()}
 TOP_LEVEL = {"id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"}
@@ -111,7 +111,7 @@ def test_seed_widgets_have_the_control_widget_exactly_where_the_frontend_adds_on
             continue
         seen.add(node["type"])
     assert "KSampler" in seen  # both workflows generate; the extract workflow also trains
-    assert name != "extract" or "TrainConceptTokens" in seen
+    assert name != cw.EXTRACT or "TrainConceptTokens" in seen
 
 
 def test_training_seed_cannot_be_randomised_so_requeueing_reuses_the_tokens():
@@ -121,7 +121,7 @@ def test_training_seed_cannot_be_randomised_so_requeueing_reuses_the_tokens():
     assert seed[1]["control_after_generate"] is False
     slots = cw.widget_slots(DECLARATIONS["TrainConceptTokens"])
     assert [s.kind for s in slots].count("control_after_generate") == 0
-    (train,) = [n for n in cw.load("extract")["nodes"] if n["type"] == "TrainConceptTokens"]
+    (train,) = [n for n in cw.load(cw.EXTRACT)["nodes"] if n["type"] == "TrainConceptTokens"]
     assert len(train["widgets_values"]) == len(slots)
 
 
@@ -181,7 +181,7 @@ def test_enabled_nodes_have_all_required_inputs(workflow):
 
 
 def test_api_conversion_names_every_widget_value():
-    prompt = cw.to_api(cw.load("extract"), DECLARATIONS)
+    prompt = cw.to_api(cw.load(cw.EXTRACT), DECLARATIONS)
     (train,) = cw.nodes_of(prompt, "TrainConceptTokens")
     inputs = prompt[train]["inputs"]
     assert inputs["steps"] == 500 and inputs["seed"] == 20 and inputs["update"] == "sequential"
@@ -190,33 +190,67 @@ def test_api_conversion_names_every_widget_value():
     assert not any(v["class_type"] in cw.FRONTEND_ONLY for v in prompt.values())
 
 
-def _templates(wf, enabled):
-    return [
-        n["widgets_values"][0]
-        for n in wf["nodes"]
-        if n["type"] == "ComposeConceptPrompt" and (n["mode"] == cw.MODE_ALWAYS) == enabled
-    ]
-
-
 @pytest.mark.parametrize("concepts", [1, 2, 5])
-def test_shipped_extract_runs_for_any_number_of_concepts(concepts):
-    """The number of concepts is only known after localization (at least one). Enabled Compose nodes may only use
-    {1} and {all}; the muted per-concept branches use {2}, {3}, ... one each."""
-    wf = cw.load("extract")
+def test_extract_renders_every_concept_from_one_sampling_branch(concepts):
+    """The number of concepts is only known after localization (at least one). One Compose Concept Prompt in list
+    mode feeds the only sampler, so everything after it runs once per concept and once for all of them, however
+    many there are; nothing is muted."""
+    wf = cw.load(cw.EXTRACT)
+    assert all(n["mode"] == cw.MODE_ALWAYS for n in wf["nodes"])
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    (compose,) = [n for n in wf["nodes"] if n["type"] == "ComposeConceptPrompt"]
+    template, mode = compose["widgets_values"]
     names = [f"concept/concept_{i + 1}" for i in range(concepts)]
-    enabled = _templates(wf, True)
-    assert any("{all}" in t for t in enabled) and any("{1}" in t for t in enabled)
-    for template in enabled:
-        assert "embedding:concept/concept_1" in compose_text(template, names)
-    muted = _templates(wf, False)
-    assert sorted(muted) == [f"a photo of {{{k}}}" for k in range(2, len(muted) + 2)]
-    # each muted branch is a complete sampler chain that ends in a Save Image
-    muted_types = sorted(n["type"] for n in wf["nodes"] if n["mode"] == cw.MODE_NEVER)
-    assert muted_types == sorted(["ComposeConceptPrompt", "KSampler", "VAEDecode", "SaveImage"] * len(muted))
+    prompts = compose_prompts(template, names, mode)
+    assert [label for label, _ in prompts] == [str(i + 1) for i in range(concepts)] + ["all"]
+    for i, (_, text) in enumerate(prompts[:-1]):
+        assert text.count("embedding:") == 1 and f"embedding:{names[i]}" in text
+    assert all(f"embedding:{n}" in prompts[-1][1] for n in names)
+    # the sampler's positive prompt is the list; its result goes to a Save Image and into the contact sheet
+    (sampler,) = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    sources = {(nodes[s]["type"], slot, nodes[t]["type"], t_slot) for _, s, slot, t, t_slot, _ in wf["links"]}
+    assert ("ComposeConceptPrompt", 1, "KSampler", 1) in sources  # conditioning -> positive
+    assert sorted(nodes[n]["type"] for n in cw.downstream(wf, compose["id"])) == sorted(
+        ["ComposeConceptPrompt", "KSampler", "VAEDecode", "SaveImage", "ConceptContactSheet", "SaveImage"]
+    )
+    assert {
+        ("VAEDecode", 0, "ConceptContactSheet", 0),  # the renders
+        ("ComposeConceptPrompt", 2, "ConceptContactSheet", 1),  # their labels
+        ("LocalizeConcepts", 2, "ConceptContactSheet", 2),  # the numbered overlay
+        ("ConceptContactSheet", 0, "SaveImage", 0),
+    } <= sources
+    assert sampler["id"] in cw.downstream(wf, compose["id"])
+
+
+def test_templates_offer_the_checkpoint_download_the_way_comfyuis_own_templates_do():
+    """The loader's properties.models entry (name, url, directory) is what the frontend's missing-models warning
+    reads: the name must be the widget's value, the URL a Hugging Face download of that file (the frontend only
+    offers downloads from a few hosts and for .safetensors/.ckpt/...), the directory a models folder."""
+    for name in cw.WORKFLOW_NAMES:
+        (loader,) = [n for n in cw.load(name)["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+        (model,) = loader["properties"]["models"]
+        assert set(model) == {"name", "url", "directory"}
+        assert model["name"] == loader["widgets_values"][0] and model["name"].endswith(".safetensors")
+        assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
+        assert model["directory"] == "checkpoints"
+
+
+def test_extract_loads_the_packs_example_image():
+    from concept_express.nodes.example import EXAMPLE_IMAGE_NAME
+
+    (load,) = [n for n in cw.load(cw.EXTRACT)["nodes"] if n["type"] == "LoadImage"]
+    assert load["widgets_values"][0] == EXAMPLE_IMAGE_NAME == cw.EXAMPLE_IMAGE
+
+
+def test_template_file_names_read_as_titles():
+    """The Templates dialog shows a pack's template under its file name, and its description is that name with
+    "-" and "_" turned into spaces: plain words, capitalised, not the old one-word names."""
+    for name in cw.WORKFLOW_NAMES:
+        assert re.fullmatch(r"[A-Z][a-z]+( [a-z]+){3,7}", name), name
 
 
 def test_extract_previews_every_intermediate_result():
-    wf = cw.load("extract")
+    wf = cw.load(cw.EXTRACT)
     nodes = {n["id"]: n for n in wf["nodes"]}
     shown = set()
     for _, source, slot, target, _, _kind in wf["links"]:
@@ -229,16 +263,11 @@ def test_extract_previews_every_intermediate_result():
         ("TrainConceptTokens", 2),
     } <= shown
     save_prefixes = sorted(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveImage")
-    assert save_prefixes == [
-        "ConceptExpress/composition",
-        "ConceptExpress/concept_1",
-        "ConceptExpress/concept_2",
-        "ConceptExpress/concept_3",
-    ]
+    assert save_prefixes == ["ConceptExpress/concept", "ConceptExpress/contact_sheet"]
 
 
 def test_reuse_loads_the_set_the_extract_workflow_writes():
-    extract, reuse = cw.load("extract"), cw.load("reuse")
+    extract, reuse = cw.load(cw.EXTRACT), cw.load(cw.REUSE)
     (train,) = [n for n in extract["nodes"] if n["type"] == "TrainConceptTokens"]
     slots = cw.widget_slots(DECLARATIONS["TrainConceptTokens"])
     prefix = {s.input: v for s, v in zip(slots, train["widgets_values"]) if s.kind == "value"}["name_prefix"]

@@ -126,3 +126,75 @@ def loss_curve(history: dict[str, list[float]], size: tuple[int, int] = (640, 32
     draw.text((margin, height - margin + 6), "step 1", fill=(0, 0, 0))
     draw.text((width - 70, height - margin + 6), f"step {steps}", fill=(0, 0, 0))
     return picture
+
+
+def label_colour(label: str) -> tuple[int, int, int]:
+    """The colour of a concept's number in the overlay (``PALETTE``, cycled); grey for anything that is not a
+    concept number (e.g. "all")."""
+    return PALETTE[(int(label) - 1) % len(PALETTE)] if label.isdigit() and int(label) > 0 else (90, 90, 90)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _badge(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int) -> None:
+    """``text`` in a box of its label colour, the box's top-left corner at ``xy``."""
+    colour = label_colour(text)
+    font = _font(size)
+    left, top, right, bottom = draw.textbbox(xy, text, font=font, anchor="lt")
+    pad = max(3, size // 4)
+    box = [xy[0], xy[1], xy[0] + (right - left) + 2 * pad, xy[1] + (bottom - top) + 2 * pad]
+    draw.rectangle(box, fill=colour, outline=(255, 255, 255), width=max(1, size // 12))
+    dark = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140
+    draw.text((xy[0] + pad, xy[1] + pad), text, fill=(0, 0, 0) if dark else (255, 255, 255), font=font, anchor="lt")
+
+
+def contact_sheet(
+    renders: list[Image.Image],
+    labels: list[str],
+    overlay: Image.Image | None = None,
+    tile: int = 256,
+    columns: int = 4,
+) -> Image.Image:
+    """The renders in a grid, each fitted into a ``tile`` square with its label (the concept number, in the colour
+    the overlay gives that concept) over its top-left corner; the concepts' overlay, when given, on the left at the
+    grid's height."""
+    if not renders:
+        raise ValueError("contact_sheet needs at least one render")
+    if len(labels) != len(renders):
+        raise ValueError(f"{len(labels)} labels for {len(renders)} renders")
+    gap = max(4, tile // 32)
+    columns = max(1, min(columns, len(renders)))
+    rows = (len(renders) + columns - 1) // columns
+    grid_w, grid_h = columns * tile + (columns - 1) * gap, rows * tile + (rows - 1) * gap
+    left = 0
+    fitted_overlay = None
+    if overlay is not None:
+        fitted_overlay = overlay.convert("RGB")
+        scale = min(grid_h / fitted_overlay.height, 2 * tile / fitted_overlay.width)
+        size = (max(1, round(fitted_overlay.width * scale)), max(1, round(fitted_overlay.height * scale)))
+        fitted_overlay = fitted_overlay.resize(size, Image.LANCZOS)
+        left = fitted_overlay.width + 2 * gap
+    sheet = Image.new("RGB", (left + grid_w + 2 * gap, grid_h + 2 * gap), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    if fitted_overlay is not None:
+        sheet.paste(fitted_overlay, (gap, gap + (grid_h - fitted_overlay.height) // 2))
+    size = max(12, tile // 9)
+    for k, (render, label) in enumerate(zip(renders, labels)):
+        x = left + gap + (k % columns) * (tile + gap)
+        y = gap + (k // columns) * (tile + gap)
+        picture = render.convert("RGB")
+        scale = tile / max(picture.size)  # fitted into the tile, small renders scaled up
+        picture = picture.resize(
+            (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.LANCZOS
+        )
+        px, py = x + (tile - picture.width) // 2, y + (tile - picture.height) // 2
+        sheet.paste(picture, (px, py))
+        _badge(draw, (px + gap, py + gap), label, size)
+    return sheet
