@@ -644,7 +644,7 @@ def train_concept_tokens(
                         # capture other attention, hence another run. So the advice is to start again.
                         + (
                             "Start again (--overwrite: the checkpoint of the last finite state is kept until then) "
-                            if path
+                            if path is not None and run.step > 0  # a checkpoint is written only after a finite step
                             else "Start again "
                         )
                         + "in float32 (--dtype fp32), with a lower learning rate, or with another seed."
