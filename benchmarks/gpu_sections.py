@@ -304,7 +304,6 @@ def model(name: str, device: torch.device):
     device itself where that works (2.6 billion SDXL weights take about a minute to initialise on a CPU)."""
     # Imported before the branch so that the dry run (tiny models) fails where the real-size path would.
     from concept_express.uce_core.backends.diffusers_backend import DiffusersBackend, info_from_pipeline
-    from concept_express.uce_core.backends.loading import default_dtype
     from concept_express.uce_core.backends.tiny import build_random_pipeline
 
     if not name.startswith("random:"):
@@ -320,7 +319,7 @@ def model(name: str, device: torch.device):
     except Exception as error:  # a part that cannot be built there: build it all on the CPU
         pipe = build_random_pipeline(config)
         built = f"on the CPU ({_error(error)[:80]} on {device})"
-    backend = DiffusersBackend(pipe, info_from_pipeline(pipe, name), device=device, dtype=default_dtype(device))
+    backend = DiffusersBackend(pipe, info_from_pipeline(pipe, name), device=device, dtype="auto")
     return backend, f"{built} in {time.perf_counter() - start:.1f} s"
 
 

@@ -88,7 +88,7 @@ def _synthetic(batch):
 @pytest.mark.parametrize(
     "budget_mib,prompts,expected",
     [
-        (10, 20, int((10 - 1) // BACKWARD_FACTOR)),  # fixed 1 MiB + m * 1.5 MiB <= 10 MiB
+        (10, 20, int((10 - 1) // BACKWARD_FACTOR)),  # fixed 1 MiB + m * BACKWARD_FACTOR MiB <= 10 MiB
         (100, 20, 20),  # everything fits: the whole step at once
         (100, 4, 4),
         (0.5, 20, 1),  # nothing fits: one at a time, and the progress text says so

@@ -37,7 +37,7 @@ class ExtractJob:
     float rounding)."""
 
     model: str
-    dtype: str | None = None
+    dtype: str = "auto"  # a precision policy of backends.diffusers_backend.PRECISIONS
     prediction_type: str | None = None
     tokenizer: str | None = None
     config: str | None = None
@@ -57,14 +57,12 @@ class ExtractJob:
         return json.loads(json.dumps(fields))  # as the index stores it (tuples become lists)
 
     def load_backend(self):
-        import torch
-
         from .backends.loading import load_backend
 
         return load_backend(
             self.model,
             device=self.device,
-            dtype=getattr(torch, self.dtype) if self.dtype else None,
+            dtype=self.dtype,
             prediction_type=self.prediction_type,
             tokenizer=self.tokenizer,
             config=self.config,

@@ -12,8 +12,9 @@ The rule (``plan_micro_batch``):
   not counted). Per prompt: d = saved(2) - saved(1); fixed: saved(1) - d (what does not grow with the batch, e.g.
   autocast's half-precision copies of the weights). A step at
   micro-batch m is estimated at fixed + ``BACKWARD_FACTOR`` x m x d: the backward pass holds, besides the saved
-  tensors, the gradients of the activations it is working through (the factor is a margin checked on tiny models
-  only, not yet calibrated at full size: benchmarks/README.md "Training memory");
+  tensors, the gradients of the activations it is working through, the losses' own work (the EMD's Sinkhorn
+  iterations) and what the allocator keeps (measured: 3.3 x d for the SD1.5 architecture at full size on the CPU,
+  tests/test_memory.py's real-size run; about 1 on tiny models: benchmarks/README.md "Training memory");
 * micro-batch: the largest m <= the prompts of a step whose estimate fits the budget, at least 1.
 
 Where the device reports running out (CUDA, MPS, a CPU allocation that fails) the step is retried at half the
@@ -35,7 +36,7 @@ import torch
 
 GiB = 2**30
 SAFETY = 0.8  # of the available memory: other processes, the allocator's fragmentation, the estimate's error
-BACKWARD_FACTOR = 1.5  # peak memory of forward + backward per prompt / bytes saved for backward per prompt
+BACKWARD_FACTOR = 3.5  # peak memory of a step per prompt / bytes saved for backward per prompt (measured 3.3)
 
 
 @dataclass(frozen=True)
