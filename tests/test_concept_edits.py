@@ -360,3 +360,35 @@ def test_localization_records_how_many_candidate_regions_each_concept_holds_and_
     if len(concepts) > 1:
         merged = edit_concepts(concepts, ConceptEdits(merge=everything))
         np.testing.assert_allclose(merged.features[0].numpy(), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_export_uses_the_given_names_and_the_manifest_keeps_number_and_name(tmp_path):
+    import json
+
+    from concept_express.uce_core.export import export_tokens, load_exported
+    from concept_express.uce_core.tokens import ConceptTokens
+
+    masks = torch.from_numpy(np.stack([cells((0, 0)), cells((1, 1)), cells((2, 2))]))
+    tokens = ConceptTokens(
+        [torch.randn(3, 8)],
+        ["clip_l"],
+        "sd1",
+        ["concept_1", "concept_2", "concept_3"],
+        masks,
+        torch.zeros(32, 48, 3, dtype=torch.uint8),
+        {"loss": [1.0]},
+        {"localization": {"names": ["dog", None, "tea_pot"]}},
+    )
+    export_tokens(tokens, tmp_path / "set", prefix="set")
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    entries = [(c["number"], c["name"], c["file"]) for c in manifest["concepts"]]
+    assert entries == [
+        (1, "dog", "dog.safetensors"),
+        (2, "set_2", "set_2.safetensors"),
+        (3, "tea_pot", "tea_pot.safetensors"),
+    ]
+    assert load_exported(tmp_path / "set").names == ["dog", "set_2", "tea_pot"]
+    tokens.info["localization"]["names"] = ["set_2", None, None]  # clashes with concept 2's default name
+    with pytest.raises(ConceptExpressError, match="concepts 1 and 2 would both be saved as 'set_2'"):
+        export_tokens(tokens, tmp_path / "clash", prefix="set")
+    assert not (tmp_path / "clash").exists()

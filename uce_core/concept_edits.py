@@ -111,16 +111,18 @@ def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int], info: dict | None 
         raise ConceptExpressError(f"masks must be a (count, height, width) batch, got shape {tuple(masks.shape)}")
     binary = (masks.detach().cpu().double() >= 0.5).numpy().astype(np.float64)
     k, mh, mw = binary.shape
+    for i in range(k):
+        if not binary[i].any():
+            raise ConceptExpressError(
+                f"mask {i + 1} of {k} is empty (no pixel >= 0.5): paint the concept (e.g. in Load Image's mask "
+                "editor: right-click the image, Open in MaskEditor), or leave that mask out."
+            )
     h, w = grid
     left, top, right, bottom = _mask_box((mh, mw), info or {}, working or (mh, mw))
     rows, cols = _cover(mh, top, bottom, h), _cover(mw, left, right, w)
     fraction = np.einsum("iy,kyx,jx->kij", rows, binary, cols)
     out = fraction >= 0.5 - 1e-9
     for i in range(k):
-        if not binary[i].any():
-            raise ConceptExpressError(
-                f"mask {i + 1} of {k} is empty (no pixel >= 0.5); paint the concept, or leave that mask out."
-            )
         if not out[i].any():
             if fraction[i].max() <= 0:
                 raise ConceptExpressError(
@@ -443,19 +445,7 @@ def parse_names(text: str, count: int) -> list[str | None]:
 
 def embedding_names(concepts: Concepts, prefix: str) -> list[str]:
     """The embedding (file) names of a concept set: the user's name where one was given, else ``<prefix>_<i>`` with
-    i the concept's number. Refuses a set in which two concepts would get the same name."""
-    from .export import sanitize_name
+    i the concept's number (``export.export_names``). Refuses a set in which two concepts would get the same name."""
+    from .export import chosen_names, export_names
 
-    clean = sanitize_name(prefix, "prefix", stem=False)
-    given = list(concepts.info.get("names") or [])
-    given += [None] * (len(concepts) - len(given))
-    names = [g or f"{clean}_{i + 1}" for i, g in enumerate(given[: len(concepts)])]
-    lowered = [n.lower() for n in names]
-    for i, name in enumerate(lowered):
-        j = lowered.index(name)
-        if j != i:
-            raise ConceptExpressError(
-                f"concepts {j + 1} and {i + 1} would both be saved as {names[i]!r}; choose another name (or another "
-                "name prefix)."
-            )
-    return names
+    return export_names([""] * len(concepts), prefix, chosen_names(concepts.info))
