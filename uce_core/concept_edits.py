@@ -100,23 +100,29 @@ def _mask_box(mask_size: tuple[int, int], info: dict, working: tuple[int, int]) 
     )
 
 
+def check_masks(masks: torch.Tensor) -> torch.Tensor:
+    """The (K, H, W) masks binarised at 0.5; refuses a batch that is not one or an empty mask in it."""
+    if masks.dim() == 2:
+        masks = masks[None]
+    if masks.dim() != 3 or masks.shape[0] == 0:
+        raise ConceptExpressError(f"masks must be a (count, height, width) batch, got shape {tuple(masks.shape)}")
+    binary = masks.detach().cpu().double() >= 0.5
+    for i in range(binary.shape[0]):
+        if not binary[i].any():
+            raise ConceptExpressError(
+                f"mask {i + 1} of {binary.shape[0]} is empty (no pixel >= 0.5): paint the concept (e.g. in Load "
+                "Image's mask editor: right-click the image, Open in MaskEditor), or leave that mask out."
+            )
+    return binary
+
+
 def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int], info: dict | None = None, working=None) -> torch.Tensor:
     """(K, H, W) masks (any resolution, values 0..1) -> (K, h, w) bool on the latent grid (the module's rule).
 
     ``info`` (the attention's or concepts' info: ``source_size``, ``source_crop``) and ``working`` (the working
     image's (height, width)) place the mask on the image the model saw; without them the mask is that image."""
-    if masks.dim() == 2:
-        masks = masks[None]
-    if masks.dim() != 3 or masks.shape[0] == 0:
-        raise ConceptExpressError(f"masks must be a (count, height, width) batch, got shape {tuple(masks.shape)}")
-    binary = (masks.detach().cpu().double() >= 0.5).numpy().astype(np.float64)
+    binary = check_masks(masks).numpy().astype(np.float64)
     k, mh, mw = binary.shape
-    for i in range(k):
-        if not binary[i].any():
-            raise ConceptExpressError(
-                f"mask {i + 1} of {k} is empty (no pixel >= 0.5): paint the concept (e.g. in Load Image's mask "
-                "editor: right-click the image, Open in MaskEditor), or leave that mask out."
-            )
     h, w = grid
     left, top, right, bottom = _mask_box((mh, mw), info or {}, working or (mh, mw))
     rows, cols = _cover(mh, top, bottom, h), _cover(mw, left, right, w)
