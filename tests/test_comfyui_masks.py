@@ -9,7 +9,7 @@ import comfy_workflows as cw
 import numpy as np
 import pytest
 from comfy_checks import FIRST_RUN, assert_clear_error, describe, embedding_files, run_logged, shipped
-from comfy_server import CHECKPOINTS, comfyui_path
+from comfy_server import CHECKPOINTS, artifacts_dir, comfyui_path
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -52,7 +52,7 @@ def masks_template(object_info, image, prefix):
     return prompt
 
 
-def test_the_masks_template_trains_the_painted_region(server, object_info):
+def test_the_masks_template_trains_the_painted_region(server, object_info, tmp_path_factory):
     prompt = masks_template(object_info, painted_picture(server), "painted-set")
     run, log = run_logged(server, prompt)
     assert run.status == "execution_success", describe(run) + "\n" + log[-3000:]
@@ -70,6 +70,12 @@ def test_the_masks_template_trains_the_painted_region(server, object_info):
     y0, y1, x0, x1 = BOX
     expected[y0:y1, x0:x1] = True
     np.testing.assert_array_equal(mask, expected)
+    # the render and the painted concept, for the template's thumbnail (assets/make_thumbnails.py)
+    (save,) = cw.nodes_of(prompt, "SaveImage")
+    (image,) = run.images(save)
+    artifacts = artifacts_dir(tmp_path_factory)
+    (artifacts / "masks-render.png").write_bytes(server.view(image))
+    (artifacts / "masks-concepts.png").write_bytes((folder / "concepts.png").read_bytes())
 
 
 def test_the_masks_template_unpainted_is_a_clear_error(server, object_info):
