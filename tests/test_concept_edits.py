@@ -392,3 +392,21 @@ def test_export_uses_the_given_names_and_the_manifest_keeps_number_and_name(tmp_
     with pytest.raises(ConceptExpressError, match="concepts 1 and 2 would both be saved as 'set_2'"):
         export_tokens(tokens, tmp_path / "clash", prefix="set")
     assert not (tmp_path / "clash").exists()
+
+
+def test_names_are_part_of_the_run_fingerprint_and_no_names_leave_it_as_it_was():
+    from types import SimpleNamespace
+
+    from concept_express.uce_core.train import TrainSettings, run_fingerprint
+
+    _, concepts = edit_fixture()
+    model = SimpleNamespace(family="sd1", widths=(32,), prediction_type="epsilon")
+    plain = run_fingerprint(model, concepts, TrainSettings())
+    passed = edit_concepts(concepts, ConceptEdits())
+    assert run_fingerprint(model, passed, TrainSettings()) == plain
+    named = edit_concepts(concepts, ConceptEdits(names="dog"))
+    renamed = edit_concepts(concepts, ConceptEdits(names="cat"))
+    assert (
+        len({plain, run_fingerprint(model, named, TrainSettings()), run_fingerprint(model, renamed, TrainSettings())})
+        == 3
+    )
