@@ -1,7 +1,8 @@
 """Makes the templates' thumbnails (workflows/<title>.jpg, what the Templates dialog shows on each card) from what
 the templates produced in a real ComfyUI run: the artifacts folder of the real-ComfyUI tests (.ci/run writes
 artifacts/). The extract template's card shows its contact sheet (the numbered concepts beside every render); the
-reuse template's card shows the concept set's overlay beside its render.
+reuse template's card shows the concept set's overlay beside its render, and the masks template's card the painted
+concept beside its render.
 
     python assets/make_thumbnails.py artifacts/
 """
@@ -38,6 +39,10 @@ def main(artifacts: Path) -> None:
         [Image.open(artifacts / "reuse-render.png")], ["all"], overlay=Image.open(artifacts / "reuse-concepts.png")
     )
     fit(reuse).save(ROOT / "workflows" / "Reuse extracted concepts in a new prompt.jpg", quality=88)
+    masks = previews.contact_sheet(
+        [Image.open(artifacts / "masks-render.png")], ["1"], overlay=Image.open(artifacts / "masks-concepts.png")
+    )
+    fit(masks).save(ROOT / "workflows" / "Extract concepts painted in the mask editor.jpg", quality=88)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ public interface (docs/nodes.md): keep them stable.
 
 from .capture import CaptureAttention
 from .compose import ComposeConceptPrompt
+from .edit import EditConcepts
 from .load import LoadConceptTokens
 from .localize import LocalizeConcepts
 from .sheet import ConceptContactSheet
@@ -15,6 +16,7 @@ from .train import TrainConceptTokens
 NODE_CLASS_MAPPINGS = {
     "CaptureAttention": CaptureAttention,
     "LocalizeConcepts": LocalizeConcepts,
+    "EditConcepts": EditConcepts,
     "TrainConceptTokens": TrainConceptTokens,
     "ComposeConceptPrompt": ComposeConceptPrompt,
     "LoadConceptTokens": LoadConceptTokens,
@@ -24,6 +26,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CaptureAttention": "Capture Attention (ConceptExpress)",
     "LocalizeConcepts": "Localize Concepts (ConceptExpress)",
+    "EditConcepts": "Edit Concepts (ConceptExpress)",
     "TrainConceptTokens": "Train Concept Tokens (ConceptExpress)",
     "ComposeConceptPrompt": "Compose Concept Prompt (ConceptExpress)",
     "LoadConceptTokens": "Load Concept Tokens (ConceptExpress)",

@@ -146,7 +146,14 @@ class TrainConceptTokens:
 
         from ..uce_core.backends.comfy_backend import ComfyBackend, prepare_for_training
         from ..uce_core.concepts import Concepts
-        from ..uce_core.export import check_export_target, export_names, export_tokens, load_exported, sanitize_name
+        from ..uce_core.export import (
+            check_export_target,
+            chosen_names,
+            export_names,
+            export_tokens,
+            load_exported,
+            sanitize_name,
+        )
         from ..uce_core.previews import loss_curve
         from ..uce_core.train import TrainingCancelled, TrainSettings, run_fingerprint, train_concept_tokens
 
@@ -178,7 +185,7 @@ class TrainConceptTokens:
             if _saved_fingerprint(folder) == fingerprint:
                 tokens = load_exported(folder)  # the same run already finished: reuse it
                 return _outputs(tokens, prefix, loss_curve)
-            names = export_names([""] * len(concepts), prefix)
+            names = export_names([""] * len(concepts), prefix, chosen_names(concepts.info))
             check_export_target(folder, names, overwrite)
             import comfy.model_management
 

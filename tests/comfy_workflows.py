@@ -19,7 +19,8 @@ WORKFLOWS = ROOT / "workflows"
 # The frontend titles a pack's template by its file name (and shows <name>.jpg on its card).
 EXTRACT = "Extract every concept from one image"
 REUSE = "Reuse extracted concepts in a new prompt"
-WORKFLOW_NAMES = (EXTRACT, REUSE)
+MASKS = "Extract concepts painted in the mask editor"
+WORKFLOW_NAMES = (EXTRACT, REUSE, MASKS)
 EXAMPLE_IMAGE = "concept-express-example.png"  # what the templates' Load Image selects (nodes/example.py)
 
 # Frontend-only node types: never sent to the server (graphToPrompt skips virtual nodes).

@@ -3,7 +3,9 @@ no ComfyUI type run on the diffusers backend."""
 
 import inspect
 
+import numpy as np
 import pytest
+import torch
 
 import concept_express
 from concept_express.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -28,6 +30,7 @@ COMFY_TYPES = {
 EXPECTED = {
     "CaptureAttention",
     "LocalizeConcepts",
+    "EditConcepts",
     "TrainConceptTokens",
     "ComposeConceptPrompt",
     "LoadConceptTokens",
@@ -113,3 +116,71 @@ def test_a_damaged_or_older_saved_manifest_never_counts_as_the_same_run(tmp_path
     ):  # older: not reusable
         manifest.write_text(damaged)
         assert _saved_fingerprint(tmp_path) is None
+
+
+def test_localize_node_takes_masks_and_a_label_image_as_concepts():
+    from test_concept_edits import cells, make_maps, oracle_f, pixel_mask
+
+    from concept_express.nodes.localize import LocalizeConcepts
+
+    maps = make_maps()
+    mask = pixel_mask((32, 48), (0, 12, 8, 27))[None]  # a ComfyUI MASK batch of one
+    concepts, masks, overlay = LocalizeConcepts().localize(maps, masks=mask)
+    expected = cells((0, 1), (0, 2), (1, 1), (1, 2))
+    assert len(concepts) == 1 and (concepts.masks[0].numpy() == expected).all()
+    np.testing.assert_allclose(concepts.features[0].numpy(), oracle_f(maps, expected), rtol=1e-6, atol=1e-9)
+    assert masks.shape == (1, 32, 48) and overlay.shape == (1, 32, 48, 3)
+    label = torch.zeros(1, 32, 48, 3)
+    label[0, 0:8, 0:8] = torch.tensor([1.0, 0.0, 0.0])
+    label[0, 24:32, 40:48] = torch.tensor([0.0, 0.0, 1.0])
+    concepts, masks, _ = LocalizeConcepts().localize(maps, masks=mask, label_image=label)
+    assert len(concepts) == 3 and masks.shape == (3, 32, 48)
+    assert (concepts.masks[1].numpy() == cells((0, 0))).all() and (concepts.masks[2].numpy() == cells((3, 5))).all()
+
+
+def test_localize_node_adds_a_mask_to_what_localization_finds():
+    from test_localize import scene
+
+    from concept_express.nodes.localize import LocalizeConcepts
+
+    maps, rows, _ = scene(6)
+    found, _, _ = LocalizeConcepts().localize(maps)
+    assert len(found) >= 2
+    # a mask (at the image's 128 x 128 pixels) that is found concept 1 plus one cell: it takes concept 1's place
+    grid_mask = found.masks[0].clone()
+    outside = torch.nonzero(~found.masks.any(0))[0]
+    grid_mask[outside[0], outside[1]] = True
+    pixels = grid_mask.float().repeat_interleave(8, 0).repeat_interleave(8, 1)[None]
+    out, masks, _ = LocalizeConcepts().localize(maps, masks=pixels, mode="masks + found")
+    assert len(out) == len(found) and torch.equal(out.masks[0], grid_mask)
+    assert torch.equal(out.masks[1:], found.masks[1:]) and torch.equal(out.features[1:], found.features[1:])
+    expected = rows.astype(np.float64)[grid_mask.numpy().ravel()].mean(0)
+    np.testing.assert_allclose(out.features[0].numpy(), expected, rtol=1e-5, atol=1e-9)
+    # "masks only": just the mask
+    only, _, _ = LocalizeConcepts().localize(maps, masks=pixels)
+    assert len(only) == 1 and torch.equal(only.masks[0], grid_mask)
+
+
+def test_localize_node_refuses_an_empty_mask_from_load_image():
+    from test_concept_edits import make_maps
+
+    from concept_express.nodes.localize import LocalizeConcepts
+
+    # Load Image of a picture without alpha outputs a 64 x 64 empty mask
+    with pytest.raises(ConceptExpressError, match="mask 1 of 1 is empty.*mask editor"):
+        LocalizeConcepts().localize(make_maps(), masks=torch.zeros(1, 64, 64))
+
+
+def test_edit_node_passes_through_by_default_and_outputs_the_new_overlay():
+    from test_concept_edits import edit_fixture
+
+    from concept_express.nodes.edit import EditConcepts
+
+    _, concepts = edit_fixture()
+    same, masks, overlay = EditConcepts().edit(concepts)
+    assert same is concepts and masks.shape == (4, 32, 48) and overlay.shape == (1, 32, 48, 3)
+    kept, masks, overlay = EditConcepts().edit(concepts, keep="1,3", names="dog")
+    assert len(kept) == 2 and masks.shape == (2, 32, 48) and kept.info["names"] == ["dog", None]
+    assert torch.equal(kept.masks, concepts.masks[[0, 2]])
+    with pytest.raises(ConceptExpressError, match="no concept 7"):
+        EditConcepts().edit(concepts, drop="7")

@@ -20,7 +20,7 @@ def workflow(request):
     return request.param, cw.load(request.param)
 
 
-def test_only_the_two_workflows_and_their_thumbnails_are_shipped():
+def test_only_the_three_workflows_and_their_thumbnails_are_shipped():
     files = sorted(p.name for p in cw.WORKFLOWS.iterdir())
     assert files == sorted([f"{n}.json" for n in cw.WORKFLOW_NAMES] + [f"{n}.jpg" for n in cw.WORKFLOW_NAMES])
 
@@ -127,12 +127,13 @@ def test_training_seed_cannot_be_randomised_so_requeueing_reuses_the_tokens():
 
 def test_our_nodes_ship_with_their_documented_defaults():
     """Shipped settings are the node defaults (the paper's), except where the workflow says otherwise."""
+    deliberate = {(cw.MASKS, "EditConcepts", "names")}  # the painted concept gets a name: the note says so
     for name in cw.WORKFLOW_NAMES:
         for node in cw.load(name)["nodes"]:
             if node["type"] not in NODE_CLASS_MAPPINGS or node["type"] in ("ComposeConceptPrompt", "LoadConceptTokens"):
                 continue
             for slot, value in zip(cw.widget_slots(DECLARATIONS[node["type"]]), node["widgets_values"]):
-                if slot.kind == "value":
+                if slot.kind == "value" and (name, node["type"], slot.input) not in deliberate:
                     assert value == slot.spec[1]["default"], (name, node["type"], slot.input)
 
 
@@ -186,7 +187,7 @@ def test_api_conversion_names_every_widget_value():
     inputs = prompt[train]["inputs"]
     assert inputs["steps"] == 500 and inputs["seed"] == 20 and inputs["update"] == "sequential"
     assert "control_after_generate" not in inputs
-    assert inputs["concepts"][1] == 0 and prompt[inputs["concepts"][0]]["class_type"] == "LocalizeConcepts"
+    assert inputs["concepts"][1] == 0 and prompt[inputs["concepts"][0]]["class_type"] == "EditConcepts"
     assert not any(v["class_type"] in cw.FRONTEND_ONLY for v in prompt.values())
 
 
@@ -216,7 +217,7 @@ def test_extract_renders_every_concept_from_one_sampling_branch(concepts):
     assert {
         ("VAEDecode", 0, "ConceptContactSheet", 0),  # the renders
         ("ComposeConceptPrompt", 2, "ConceptContactSheet", 1),  # their labels
-        ("LocalizeConcepts", 2, "ConceptContactSheet", 2),  # the numbered overlay
+        ("EditConcepts", 2, "ConceptContactSheet", 2),  # the numbered overlay of the concepts trained
         ("ConceptContactSheet", 0, "SaveImage", 0),
     } <= sources
     assert sampler["id"] in cw.downstream(wf, compose["id"])
@@ -274,3 +275,48 @@ def test_reuse_loads_the_set_the_extract_workflow_writes():
     (loader,) = [n for n in reuse["nodes"] if n["type"] == "LoadConceptTokens"]
     assert loader["widgets_values"] == [prefix]
     assert not [n for n in reuse["nodes"] if n["type"] in ("TrainConceptTokens", "CaptureAttention")]
+
+
+def _edit_values(wf):
+    (edit,) = [n for n in wf["nodes"] if n["type"] == "EditConcepts"]
+    slots = cw.widget_slots(DECLARATIONS["EditConcepts"])
+    return edit, {s.input: v for s, v in zip(slots, edit["widgets_values"])}
+
+
+def test_extract_trains_what_edit_concepts_passes_and_it_passes_everything_by_default():
+    wf = cw.load(cw.EXTRACT)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    edit, values = _edit_values(wf)
+    assert values == {
+        "keep": "",
+        "drop": "",
+        "merge": "",
+        "split_instances": False,
+        "split_min_area": 0.01,
+        "names": "",
+    }
+    sources = {(nodes[s]["type"], slot, nodes[t]["type"], t_slot) for _, s, slot, t, t_slot, _ in wf["links"]}
+    assert ("LocalizeConcepts", 0, "EditConcepts", 0) in sources
+    assert ("EditConcepts", 0, "TrainConceptTokens", 3) in sources
+    assert not [x for x in sources if x[0] == "LocalizeConcepts" and x[2] == "TrainConceptTokens"]
+    assert ("EditConcepts", 2, "PreviewImage", 0) in sources  # the concepts that will be trained, as numbered
+
+
+def test_masks_template_feeds_load_images_mask_to_localize_concepts():
+    wf = cw.load(cw.MASKS)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    sources = {
+        (nodes[s]["type"], slot, nodes[t]["type"], nodes[t]["inputs"][t_slot]["name"])
+        for _, s, slot, t, t_slot, _ in wf["links"]
+    }
+    assert ("LoadImage", 1, "LocalizeConcepts", "masks") in sources
+    assert ("LocalizeConcepts", 0, "EditConcepts", "concepts") in sources
+    assert ("EditConcepts", 0, "TrainConceptTokens", "concepts") in sources
+    (localize,) = [n for n in wf["nodes"] if n["type"] == "LocalizeConcepts"]
+    slots = cw.widget_slots(DECLARATIONS["LocalizeConcepts"])
+    assert {s.input: v for s, v in zip(slots, localize["widgets_values"])}["mode"] == "masks only"
+    _, values = _edit_values(wf)
+    assert values["names"] == "painted" and not values["keep"] and not values["merge"]
+    prompt = cw.to_api(wf, DECLARATIONS)
+    (load,) = cw.nodes_of(prompt, "LoadImage")
+    assert prompt[load]["inputs"]["image"] == cw.EXAMPLE_IMAGE

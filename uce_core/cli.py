@@ -108,6 +108,42 @@ def _localize_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _steering_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "concepts you give or correct",
+        "Masks: white (>= 50%) = the concept, at any resolution of this image; a picture with transparency "
+        "counts its transparent part (as ComfyUI's Load Image). A grid cell belongs to a mask when at least half of "
+        "it is covered. Edits use the overlay's numbers (concepts.png) and run in the order merge, keep/drop, "
+        "split, names.",
+    )
+    group.add_argument(
+        "--masks", nargs="+", metavar="MASK", help="mask files, one per concept, or one folder of them (name order)"
+    )
+    group.add_argument("--label-image", help="a label image: each colour one concept, black none")
+    group.add_argument(
+        "--mask-mode",
+        choices=["replace", "add"],
+        default="replace",
+        help="replace (default): the given masks are the concepts; add: add them to the concepts found (a mask "
+        "covering more than half of a found concept replaces it)",
+    )
+    group.add_argument("--keep", default="", help='only these concepts, e.g. "1,3,4"')
+    group.add_argument("--drop", default="", help='leave these concepts out, e.g. "2"')
+    group.add_argument("--merge", default="", help='one concept of each group, e.g. "2+5, 3+4"')
+    group.add_argument(
+        "--split-instances", action="store_true", help="a concept of separate pieces becomes one concept per piece"
+    )
+    group.add_argument(
+        "--split-min-area",
+        type=float,
+        default=0.01,
+        help="pieces under this fraction of the image are not split off (default 0.01)",
+    )
+    group.add_argument(
+        "--names", default="", help='embedding names of the edited concepts in order, e.g. "dog, teapot, lamp"'
+    )
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
     from .train import TrainSettings
 
@@ -232,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(localize)
     _capture_options(localize)
     _localize_options(localize)
+    _steering_options(localize)
     localize.set_defaults(run=run_localize)
 
     extract = sub.add_parser(
@@ -244,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(extract)
     _capture_options(extract)
     _localize_options(extract)
+    _steering_options(extract)
     _train_options(extract)
     _export_options(extract)
     extract.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
@@ -361,11 +399,95 @@ def _capture(args, backend, image):
     )
 
 
-def _localize(args, maps):
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def read_mask_files(paths: list[str]):
+    """(K, H, W) float masks from mask files, or from the image files of one folder in name order (see the
+    --masks help for how a file is read)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    files = [Path(p) for p in paths]
+    if len(files) == 1 and files[0].is_dir():
+        folder = files[0]
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES)
+        if not files:
+            raise ConceptExpressError(f"{folder} holds no mask pictures ({', '.join(MASK_SUFFIXES)}).")
+    masks = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    alpha = np.asarray(im.convert("RGBA"))[..., 3]
+                    if alpha.min() < 255:  # transparency marks the concept, as in ComfyUI's Load Image
+                        masks.append(1.0 - alpha.astype(np.float32) / 255)
+                        continue
+                masks.append(np.asarray(im.convert("L"), dtype=np.float32) / 255)
+        except OSError as err:
+            raise ConceptExpressError(f"{path}: cannot be read as a mask picture ({err}).") from None
+    if len({m.shape for m in masks}) > 1:
+        raise ConceptExpressError(
+            f"the masks have different sizes ({sorted({m.shape[::-1] for m in masks})}); give them all at the image's "
+            "size."
+        )
+    return torch.from_numpy(np.stack(masks))
+
+
+def _given_masks(args):
+    """The masks given by --masks and --label-image (None when neither), read before any model is loaded."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .concept_edits import check_masks, label_image_masks
+
+    given = []
+    if getattr(args, "masks", None):
+        given.append(read_mask_files(args.masks))
+    if getattr(args, "label_image", None):
+        try:
+            with Image.open(args.label_image) as im:
+                label = np.asarray(im.convert("RGBA"))
+        except OSError as err:
+            raise ConceptExpressError(f"{args.label_image}: cannot be read as a label image ({err}).") from None
+        given.append(label_image_masks(label))
+    if len({tuple(g.shape[1:]) for g in given}) > 1:
+        raise ConceptExpressError("the masks and the label image have different sizes; give them at the same size.")
+    if not given:
+        return None
+    masks = torch.cat(given)
+    check_masks(masks)  # an empty mask is refused before any model is loaded
+    return masks
+
+
+def _edits(args):
+    from .concept_edits import ConceptEdits
+
+    return ConceptEdits(
+        keep=args.keep,
+        drop=args.drop,
+        merge=args.merge,
+        split_instances=args.split_instances,
+        split_min_area=args.split_min_area,
+        names=args.names,
+    )
+
+
+def _localize(args, maps, given=None):
+    from .concept_edits import concepts_from_masks, edit_concepts
     from .localize import LocalizeSettings, localize_concepts
 
     settings = LocalizeSettings(n_max=args.n_max, delta=args.delta, min_area=args.min_area)
-    return localize_concepts(maps, settings)
+    if given is None:
+        concepts = localize_concepts(maps, settings)
+    elif args.mask_mode == "replace":
+        concepts = concepts_from_masks(maps, given)
+    else:
+        concepts = concepts_from_masks(maps, given, "add", localize_concepts(maps, settings))
+    return edit_concepts(concepts, _edits(args))
 
 
 def run_localize(args) -> int:
@@ -374,6 +496,7 @@ def run_localize(args) -> int:
     source = args.source or (str(EXAMPLE_IMAGE) if args.demo else None)
     if source is None:
         raise ConceptExpressError("give attention.safetensors from 'capture', an image, or --demo")
+    given = _given_masks(args)
     out = _output_folder(Path(args.out), args.overwrite, ("concepts.safetensors", "concepts.png"))
     if source.endswith(".safetensors"):
         maps = AttentionMaps.load(source)
@@ -381,7 +504,7 @@ def run_localize(args) -> int:
         args.image = source
         image, model = _resolve_inputs(args)
         maps = _capture(args, _load_announced(args, model), image)
-    concepts = _localize(args, maps)
+    concepts = _localize(args, maps, given)
     written = [concepts.save(out / "concepts.safetensors"), _save_png(concepts.overlay(), out / "concepts.png")]
     _say(f"found {len(concepts)} concept(s) on a {concepts.grid[0]}x{concepts.grid[1]} grid")
     for path in written:
@@ -434,20 +557,29 @@ def train_settings(args):
 
 
 def run_extract(args) -> int:
-    from .export import check_export_target, export_names, export_tokens, sanitize_name
+    from .export import check_export_target, chosen_names, export_names, export_tokens, sanitize_name
     from .previews import attention_rows_preview, eot_preview
     from .train import checkpoint_fingerprint, run_fingerprint, train_concept_tokens
 
     image, model = _resolve_inputs(args)
     previews = {"attention_rows.png": attention_rows_preview, "eot.png": eot_preview}
+    given = _given_masks(args)
+    created = not Path(args.out).exists()
     out = _output_folder(Path(args.out), args.overwrite, tuple(previews))
     prefix = sanitize_name(args.prefix, "prefix", stem=False)
     started = time.perf_counter()
     backend = _load_announced(args, model)
     maps = _capture(args, backend, image)
-    concepts = _localize(args, maps)
-    _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
-    check_export_target(out, export_names([""] * len(concepts), prefix), args.overwrite)
+    try:
+        concepts = _localize(args, maps, given)
+        _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
+        check_export_target(
+            out, export_names([""] * len(concepts), prefix, chosen_names(concepts.info)), args.overwrite
+        )
+    except ConceptExpressError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves nothing behind
+        raise
     settings = train_settings(args)
     checkpoint = out / CHECKPOINT
     if checkpoint.exists() and not args.resume:

@@ -26,6 +26,9 @@ class Concepts:
     grid: tuple[int, int]
     image: torch.Tensor  # (H, W, 3) uint8, the image as the model saw it
     info: dict = field(default_factory=dict)
+    # the AttentionMaps the concepts were found on, when known (not saved): editing uses it to compute f_i of new
+    # masks (concept_edits.py)
+    attention: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.grid = tuple(int(x) for x in self.grid)
@@ -101,12 +104,14 @@ class Concepts:
         except TypeError:  # Pillow < 10.1: fixed-size bitmap font
             font = ImageFont.load_default()
         (h, w) = self.grid
+        names = list(self.info.get("names") or [])
+        names += [None] * (len(self) - len(names))
         for i, mask in enumerate(self.masks.numpy()):
             if not mask.any():
                 continue
             y, x = _deepest_cell(mask)
             cx, cy = (x + 0.5) * width / w, (y + 0.5) * height / h
-            text = str(i + 1)
+            text = f"{i + 1} {names[i]}" if names[i] else str(i + 1)
             left, top, right, bottom = draw.textbbox((cx, cy), text, font=font, anchor="mm")
             colour = PALETTE[i % len(PALETTE)]
             draw.rectangle([left - 3, top - 2, right + 3, bottom + 2], fill=colour, outline=(255, 255, 255))

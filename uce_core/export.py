@@ -61,16 +61,32 @@ def embedding_tensors(tokens: ConceptTokens, index: int) -> dict[str, torch.Tens
     return {"emb_params": vectors[0]}
 
 
-def export_names(names: list[str], prefix: str | None = None) -> list[str]:
-    """The file names an export uses: ``<prefix>_1..N`` with a prefix, else the sanitised ``names``."""
-    out = (
-        [f"{sanitize_name(prefix, 'prefix', stem=False)}_{i + 1}" for i in range(len(names))]
-        if prefix
-        else [sanitize_name(n) for n in names]
-    )
-    if len({n.lower() for n in out}) != len(out):
-        raise ConceptExpressError(f"concept names must differ from each other: {out}")
+def export_names(names: list[str], prefix: str | None = None, chosen: list[str | None] | None = None) -> list[str]:
+    """The file names an export uses: ``<prefix>_1..N`` with a prefix, else the sanitised ``names``. ``chosen``
+    (names the user gave, e.g. Edit Concepts' ``names``; None entries keep the default) replaces the defaults."""
+    if prefix:
+        clean = sanitize_name(prefix, "prefix", stem=False)
+        given = list(chosen or [])[: len(names)]
+        given += [None] * (len(names) - len(given))
+        out = [sanitize_name(g, f"name of concept {i + 1}") if g else f"{clean}_{i + 1}" for i, g in enumerate(given)]
+    else:
+        out = [sanitize_name(n) for n in names]
+    lowered = [n.lower() for n in out]
+    for i, name in enumerate(lowered):
+        j = lowered.index(name)
+        if j != i:
+            raise ConceptExpressError(
+                f"concepts {j + 1} and {i + 1} would both be saved as {out[i]!r}; concept names must differ from "
+                "each other: choose another name (or another name prefix)."
+            )
     return out
+
+
+def chosen_names(info: dict) -> list[str | None] | None:
+    """The names the user gave the concepts (Edit Concepts), from a ``ConceptTokens.info`` (under "localization")
+    or a ``Concepts.info``; None when none were given."""
+    names = info.get("names", (info.get("localization") or {}).get("names"))
+    return list(names) if isinstance(names, list) else None
 
 
 def check_export_target(folder: Path, names: list[str], overwrite: bool) -> tuple[list[Path], list[Path]]:
@@ -118,7 +134,7 @@ def export_tokens(
     from .previews import loss_curve
 
     folder = Path(folder)
-    names = export_names(tokens.names, prefix)
+    names = export_names(tokens.names, prefix, chosen_names(tokens.info))
     embeddings, masks = check_export_target(folder, names, overwrite)
     replaced = _previous_set_files(folder) if overwrite else []
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,8 +159,8 @@ def export_tokens(
         "grid": list(tokens.masks.shape[1:]),
         "image": IMAGE,
         "concepts": [
-            {"name": n, "file": e.name, "mask": m.name, "original_name": o}
-            for n, e, m, o in zip(names, embeddings, masks, tokens.names)
+            {"number": i + 1, "name": n, "file": e.name, "mask": m.name, "original_name": o}
+            for i, (n, e, m, o) in enumerate(zip(names, embeddings, masks, tokens.names))
         ],
         "history": tokens.history,
         "info": tokens.info,

@@ -182,6 +182,9 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
         clock.lap("small_regions")
 
     features = features_of(concept_cells, num_concepts)
+    inside = (candidate_cells >= 0) & (concept_cells >= 0)
+    pairs = torch.unique(candidate_cells[inside] * num_concepts + concept_cells[inside])
+    candidates = torch.bincount(pairs % num_concepts, minlength=num_concepts)  # candidate regions per concept
     scores = eot_scores(eot, concept_cells, num_concepts)
     clock.lap("outputs")
 
@@ -196,6 +199,7 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
         "kept_pre_clusters": [int(k) for k in kept],
         "post_levels": post.counts,
         "small_regions": small,
+        "candidates": [int(c) for c in candidates],
         "settings": dataclasses.asdict(settings),
         "timings_s": clock.laps,
     }
@@ -206,6 +210,7 @@ def localize_concepts(maps: AttentionMaps, settings: LocalizeSettings = Localize
         grid,
         maps.image,
         info,
+        attention=maps,
     )
 
 

@@ -574,6 +574,8 @@ def run_fingerprint(info, concepts: Concepts, settings: TrainSettings) -> str:
     h.update(concepts.masks.cpu().numpy().tobytes())
     h.update(concepts.features.float().cpu().numpy().tobytes())
     h.update(json.dumps([info.family, list(info.widths), info.prediction_type]).encode())
+    if concepts.info.get("names"):  # names given by the user (Edit Concepts) are part of the saved set
+        h.update(json.dumps(concepts.info["names"]).encode())
     return h.hexdigest()
 
 
