@@ -355,3 +355,30 @@ def test_without_vae_sampling_the_latent_is_the_posterior_mean(concepts_for, mon
             pred = backend.predict(noisy.float(), t, cond).double()
         losses.append(float(((pred * mask - target * mask) ** 2).mean()))
     assert tokens.history["denoise"][0] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
+def test_the_recorded_attention_term_is_the_exact_emd_of_each_prompt(concepts_for, monkeypatch):
+    """The history's attention value (docs/deviations.md 3.6): per prompt the exact EMD, by a linear programme here,
+    between the token's cross-attention (the paper's layers, at the starting vectors) and its concept's f_i on that
+    grid, flipped with the image; the step records the mean over prompts. The Sinkhorn plan's <P, C> would be 0.0."""
+    from test_losses import _linprog_emd
+
+    backend, concepts = concepts_for("tiny-sd1", 2)
+    settings = TrainSettings(steps=1, merge_step=1, split_tokens=2, contrastive_weight=0.0)
+    tokens, seen = _first_update(monkeypatch, backend, concepts, settings)
+    draws, start = seen["draws"], seen["start"][0]
+    grid = _quarter(concepts)
+    cost = grid_cost(*grid).double().numpy()
+    values = []
+    for p in range(4):  # split token p, concept p mod 2
+        noisy, _, t = _noisy(backend, concepts, draws, p, flip=draws.flip)
+        recorder = _Columns(grid)
+        with torch.no_grad():
+            cond = backend.encode_prompts([Prompt(("a photo of ", Slot(p)))], vectors=[start])
+            backend.predict(noisy.float(), t, cond, recorder)
+        a = torch.stack(recorder.maps).mean(0)[0, :, cond.slot_positions[0][p]].double().numpy()
+        f = concepts.features[p % 2].double().view(concepts.grid)
+        b = nearest_downsample((f.flip(-1) if draws.flip else f)[None], grid)[0].flatten().numpy()
+        values.append(_linprog_emd(a / a.sum(), b / b.sum(), cost))
+    assert min(values) > 0.05
+    assert tokens.history["attention"][0] == pytest.approx(np.mean(values), rel=1e-4)
