@@ -180,17 +180,29 @@ def test_denoising_gradient_matches_finite_differences_of_eq8(concepts_for, monk
         assert float((grad * d).sum()) == pytest.approx(float(fd), rel=2e-3)
 
 
-@pytest.mark.parametrize("emd", ["sinkhorn", "exact"])
-def test_attention_gradient_matches_finite_differences_of_eq11(concepts_for, monkeypatch, emd):
+@pytest.mark.parametrize(
+    "emd,flip,reg,iterations",
+    [("sinkhorn", False, 1e-3, 200), ("sinkhorn", True, 0.05, 60), ("exact", True, 1e-3, 200)],
+)
+def test_attention_gradient_matches_finite_differences_of_eq11(concepts_for, monkeypatch, emd, flip, reg, iterations):
     """The attention-alignment term's share of the first update (a run with beta = 2 minus one with beta = 1)
     against float64 finite differences of that term alone, for prompt 0 and concept 0's target f_0 on the
     cross-attention grid. "exact": the exact EMD itself. "sinkhorn" (the reference's 200 iterations at reg 1e-3, far
     from converged): the value is not differentiated, its gradient is the attention-side potential (the reference's
     custom backward), so the term differentiated is <phi, a / sum(a)> with phi from a float64 re-implementation of
-    the reference's Sinkhorn at the starting vectors."""
+    the reference's Sinkhorn at the starting vectors (at the official and at other reg / iterations settings). A
+    flipped step aligns with the flipped f_0."""
     backend, concepts = concepts_for("tiny-sd1", 2)
     runs = [
-        _first_update(monkeypatch, backend, concepts, TrainSettings(**{**FIRST, "attention_weight": b}, emd=emd))[1]
+        _first_update(
+            monkeypatch,
+            backend,
+            concepts,
+            TrainSettings(
+                **{**FIRST, "attention_weight": b}, emd=emd, sinkhorn_reg=reg, sinkhorn_iterations=iterations
+            ),
+            flip=flip,
+        )[1]
         for b in (1.0, 2.0)
     ]
     share = (runs[1]["grads"][0][0] - runs[0]["grads"][0][0]).double()
@@ -217,7 +229,7 @@ def test_attention_gradient_matches_finite_differences_of_eq11(concepts_for, mon
     if emd == "exact":
         term = lambda v: float(ot.emd2(column(v), b, cost))
     else:
-        _, phi = reference_sinkhorn(b, column(start), cost, 1e-3, 200)
+        _, phi = reference_sinkhorn(b, column(start), cost, reg, iterations)
         term = lambda v: float((phi * column(v)).sum())
     for d in _directions(start.shape, 2, rows=[0], seed=1):
         fd = _finite_difference(term, start, d, 1e-3 * start[0].norm())
