@@ -158,7 +158,8 @@ def test_contrastive_gradient_and_value_at_a_non_default_temperature(concepts_fo
 
 def test_denoising_gradient_matches_finite_differences_of_eq8(concepts_for, monkeypatch):
     """The first update's gradient (prompt "a photo of [V_0]", concept 0) against float64 finite differences of
-    the masked denoising loss of that prompt alone; the other split token gets nothing from it."""
+    the masked denoising loss of that prompt alone; the other split token gets nothing from it. Measured directional
+    errors 2e-6 to 6e-6 relative (float32 against float64)."""
     backend, concepts = concepts_for("tiny-sd1", 2)
     _, seen = _first_update(monkeypatch, backend, concepts, TrainSettings(**FIRST), flip=False)
     grad = seen["grads"][0][0].double()
@@ -191,7 +192,8 @@ def test_attention_gradient_matches_finite_differences_of_eq11(concepts_for, mon
     from converged): the value is not differentiated, its gradient is the attention-side potential (the reference's
     custom backward), so the term differentiated is <phi, a / sum(a)> with phi from a float64 re-implementation of
     the reference's Sinkhorn at the starting vectors (at the official and at other reg / iterations settings). A
-    flipped step aligns with the flipped f_0."""
+    flipped step aligns with the flipped f_0. Measured directional errors: up to 5e-3 relative (the recorder's
+    attention probabilities are float32 even in the float64 copy); the planted bugs of the catalogue give O(1)."""
     backend, concepts = concepts_for("tiny-sd1", 2)
     runs = [
         _first_update(
