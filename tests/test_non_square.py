@@ -197,3 +197,27 @@ def test_capture_to_masks_on_the_source_keeps_the_orientation_end_to_end(sd1_bac
     np.testing.assert_array_equal(
         concepts.masks_on_source().numpy(), _source_oracle(concepts.masks.numpy(), (width, height), box)
     )
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300)])
+def test_training_targets_keep_the_orientation(sd1_backend, size):
+    """Token learning on a landscape and a portrait capture: the latent, the masks, the cross-attention grid and the
+    alignment targets f_i (nearest downsampling by 4 keeps cells 0, 4, 8, ... as the reference; flipped with the
+    image) are all (h, w)."""
+    from conftest import hand_made_concepts
+    from PIL import Image
+
+    from concept_express.uce_core.train import TrainSettings, _Run
+
+    width, height = size
+    pixels = np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    maps = capture_attention(sd1_backend, Image.fromarray(pixels))
+    h, w = maps.grid
+    assert (h < w) == (height < width)
+    concepts = hand_made_concepts(maps, [(2, 10, 1, 5), (12, 16, 6, 14)])
+    run = _Run(sd1_backend, concepts, TrainSettings())
+    assert run.latent_hw == (h, w) and run.cross_grid == (h // 4, w // 4)
+    assert torch.equal(run.masks.bool(), concepts.masks)
+    f = concepts.features.view(2, h, w)
+    torch.testing.assert_close(run.feature_targets, f[:, ::4, ::4].reshape(2, -1))
+    torch.testing.assert_close(run.feature_targets_flipped, f.flip(-1)[:, ::4, ::4].reshape(2, -1))

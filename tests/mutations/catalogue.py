@@ -396,9 +396,18 @@ MUTANTS = [
         file="uce_core/train.py",
         original="maps = self.concepts.features.float().view(self.n, *self.concepts.grid)",
         replacement="maps = self.concepts.features.float().view(self.n, *self.concepts.grid[::-1])",
-        tests=[REACH + "test_attention_gradient_matches_finite_differences_of_eq11"],
+        tests=[NS + "test_training_targets_keep_the_orientation"],
         why="f_i laid out as w x h before it is brought to the cross-attention grid: the alignment target is "
         "scrambled on non-square images (the tiny models' example image is 3:2)",
+    ),
+    dict(
+        id="train-latent-grid-w-h",
+        kind="orientation",
+        file="uce_core/train.py",
+        original="self.latent_hw = tuple(mean.shape[-2:])",
+        replacement="self.latent_hw = tuple(mean.shape[-2:])[::-1]",
+        tests=[NS + "test_training_targets_keep_the_orientation"],
+        why="the masks are resized to a transposed latent grid: eq. 8 masks the wrong cells on non-square images",
     ),
     dict(
         id="train-merge-along-wrong-axis",
