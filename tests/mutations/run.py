@@ -13,10 +13,11 @@ any snippet is missing, or any error occurs.
 
 Usage: python tests/mutations/run.py [--jobs 2] [--baseline] [--only ID ...] [--list]
 
-Time (measured 2026-12-03): all 60 mutants and --baseline in 383 s wall with --jobs 2 on the shared 2-core CI VM
-(Intel Xeon, Linux, CPU only, TRITON_INTERPRET=1, a long training job on the same cores, load average ~6.5), command
+Time (measured 2026-12-03): all 65 mutants and --baseline in 269 s wall (an earlier run of 60 under heavier load:
+383 s) with --jobs 2 on the shared 2-core CI VM (Intel Xeon, Linux, CPU only, TRITON_INTERPRET=1, a long training job
+on the same cores, load average 5-7), command
 ``TRITON_INTERPRET=1 .venv/bin/python tests/mutations/run.py --jobs 2 --baseline``: 4-7 s per kernel, capture and
-localization mutant, 14-20 s per training mutant (mostly interpreter start and tiny-model building), 20-30 s for the
+localization mutant, 7-20 s per training mutant (mostly interpreter start and tiny-model building), 20-30 s for the
 baseline. Each pytest runs with OMP_NUM_THREADS=1: on the loaded VM torch's default two threads made the training tests ~15x
 slower (tests/test_train_reach.py: 212 s against 12 s).
 """
