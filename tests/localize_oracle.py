@@ -144,12 +144,23 @@ def eot_on_grid(eot: np.ndarray, grid) -> np.ndarray:
     return (e - e.min()) / (e.max() - e.min())
 
 
-def localize(x: np.ndarray, eot: np.ndarray, grid, n_max=10):
+def level_zero_delta(x: np.ndarray) -> float:
+    """concept_express's delta where the reference has none (level 0 chosen): max over the cells' first-neighbour
+    edges of count * d, a mutual pair counting 2 (docs/deviations.md, "Stage 2")."""
+    kappa, d = first_neighbours(x.astype(np.float64))
+    mutual = kappa[kappa] == np.arange(len(kappa))
+    return float(np.max((1 + mutual) * d[np.arange(len(kappa)), kappa]))
+
+
+def localize(x: np.ndarray, eot: np.ndarray, grid, n_max=10, level_zero=False):
     """The whole stage: pre-clustering, level, delta, EOT filter, post-clustering. Returns (masks (N, h, w) bool,
-    features (N, n), info dict)."""
+    features (N, n), info dict). ``level_zero``: where level 0 is chosen (the reference has no delta there and cuts
+    nothing), use ``level_zero_delta`` as concept_express does."""
     levels, counts, min_sims = finch(x)
     index = reference_level(counts, n_max)
     delta = min_sims[index]
+    if index == 0 and level_zero:
+        delta = level_zero_delta(x)
     labels = levels[index]
     e = eot_on_grid(eot, grid).ravel()
     kept = [c for c in range(labels.max() + 1) if e[labels == c].mean() / e.mean() > 1.0]

@@ -16,12 +16,17 @@ from concept_express.uce_core.errors import ConceptExpressError
 from concept_express.uce_core.images import fit_to_model, load_image, to_tensor
 
 
-def _diffusers_probabilities(backend, image_path, monkeypatch):
-    """Every attention layer's probabilities (head mean, float64) from a plain diffusers forward pass."""
+def _diffusers_probabilities(backend, image_path, monkeypatch, prompt="", timestep=0, noise_seed=0):
+    """Every attention layer's probabilities (head mean, float64) from a plain diffusers forward pass. At t > 0 the
+    latent is noised as DDPM's forward process: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps from ``noise_seed``."""
     picture = fit_to_model(load_image(image_path), backend.info.resolution)
     with torch.no_grad():
         latents = backend.vae.encode(to_tensor(picture)).latent_dist.mean * backend.vae.config.scaling_factor
-        cond = backend.encode_prompts([Prompt.text("")])
+        if timestep > 0:
+            abar = backend.pipe.scheduler.alphas_cumprod[timestep].double()
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(noise_seed))
+            latents = (abar.sqrt() * latents.double() + (1 - abar).sqrt() * noise.double()).float()
+        cond = backend.encode_prompts([Prompt.text(prompt)])
     seen = []
     original = Attention.get_attention_scores
     part = {id(m): name.split(".")[0] for name, m in backend.unet.named_modules()}
@@ -43,7 +48,7 @@ def _diffusers_probabilities(backend, image_path, monkeypatch):
                     "text_embeds": cond.extras["text_embeds"],
                     "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32),
                 }
-            backend.unet(latents, torch.tensor([0]), encoder_hidden_states=cond.context, **kwargs)
+            backend.unet(latents, torch.tensor([timestep]), encoder_hidden_states=cond.context, **kwargs)
     finally:
         backend.unet.set_attn_processor(saved)
     return tuple(latents.shape[-2:]), seen, cond.eot_positions[0]

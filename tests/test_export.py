@@ -4,6 +4,7 @@ atomic, never overwrites silently, and names cannot escape the folder. Generatio
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -242,3 +243,19 @@ def test_generation_is_seeded_and_checks_the_model_family(concepts_for):
     other, _ = concepts_for("tiny-sdxl", 1)
     with pytest.raises(ConceptExpressError, match="learned on a sd1 model"):
         generate_images(other, tokens, "{1}", steps=2)
+
+
+def test_mask_pictures_are_the_masks_at_the_images_size_in_its_orientation(concepts_for, tmp_path):
+    """The example image is 3:2 (a 16 x 24 grid): each <name>_mask.png is that concept's mask, every cell an 8 x 8
+    block, white inside, as wide as the image."""
+    from PIL import Image
+
+    _, tokens = _tokens(concepts_for, "tiny-sd1", 2)
+    h, w = tokens.masks.shape[1:]
+    assert h != w
+    result = export_tokens(tokens, tmp_path)
+    for name, mask in zip(result.names, tokens.masks):
+        picture = np.asarray(Image.open(tmp_path / f"{name}_mask.png"))
+        expected = mask.numpy().repeat(8, 0).repeat(8, 1).astype(np.uint8) * 255
+        assert picture.shape == expected.shape == tuple(tokens.image.shape[:2])
+        np.testing.assert_array_equal(picture, expected)

@@ -342,3 +342,23 @@ def test_captured_attention_localizes_and_masks_map_back_to_the_source(sd1_backe
     assert concepts.info["model"] == maps.info["model"]
     width, height = Image.open(example_image).size
     assert tuple(concepts.masks_on_source().shape) == (len(concepts), height, width)
+
+
+def test_kernel_settings_reach_every_first_neighbour_search(monkeypatch):
+    """backend, precision and mode give the same concepts when the kernels are right (see above), so only watching
+    the searches shows that they reach them: pre-clustering and post-clustering both search with the user's
+    options."""
+    import concept_express.uce_core.finch as finch_module
+
+    calls = []
+    search = finch_module.sym_kl_first_neighbours
+
+    def spy(nodes, **options):
+        calls.append(options)
+        return search(nodes, **options)
+
+    monkeypatch.setattr(finch_module, "sym_kl_first_neighbours", spy)
+    maps, _, _ = scene(2)
+    localize_concepts(maps, LocalizeSettings(backend="torch", precision="tf32x3", mode="reference"))
+    assert len(calls) >= 3  # several pre-clustering levels and at least one post-clustering level
+    assert all(c == dict(backend="torch", precision="tf32x3", mode="reference") for c in calls)

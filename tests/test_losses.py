@@ -187,3 +187,41 @@ def test_v_prediction_target_matches_diffusers():
         schedule.target(x0, noise, t), scheduler.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-6
     )
     assert torch.equal(NoiseSchedule(scheduler.alphas_cumprod, "epsilon").target(x0, noise, t), noise)
+
+
+def _linprog_emd(a, b, cost):
+    """The exact EMD as a linear programme (scipy's HiGHS): min <P, C> with P >= 0, P 1 = a, P^T 1 = b."""
+    from scipy.optimize import linprog
+
+    n = len(a)
+    rows = np.kron(np.eye(n), np.ones(n))
+    cols = np.kron(np.ones(n), np.eye(n))
+    res = linprog(cost.ravel(), A_eq=np.vstack([rows, cols]), b_eq=np.concatenate([a, b]), bounds=(0, None))
+    assert res.status == 0
+    return res.fun
+
+
+def test_the_shown_value_is_the_exact_emd_and_the_gradient_is_unchanged():
+    """With the official Sinkhorn settings <P, C> is not the EMD (in training it is 0.0: the plan stays diagonal), so
+    training records the exact EMD instead (value="exact"); the gradient is the Sinkhorn potential either way."""
+    h, w = 3, 4
+    cost = grid_cost(h, w)
+    attention, target = _maps(5, h * w)
+    grads = {}
+    for shown in ("plan", "exact"):
+        x = attention.clone().requires_grad_(True)
+        got = emd_alignment_loss(x, target, cost, value=shown)
+        got.sum().backward()
+        grads[shown] = x.grad
+        for i in range(3):
+            a = attention[i].double().numpy() / attention[i].double().sum().item()
+            b = target[i].double().numpy() / target[i].double().sum().item()
+            exact = _linprog_emd(a, b, cost.double().numpy())
+            assert exact > 0.1
+            if shown == "exact":
+                assert got[i].item() == pytest.approx(exact, rel=1e-5)
+            else:  # far from converged, the plan's cost is not the EMD
+                assert abs(got[i].item() - exact) > 0.01
+    assert torch.equal(grads["plan"], grads["exact"])
+    with pytest.raises(ValueError, match="value must be"):
+        emd_alignment_loss(attention, target, cost, value="dual")

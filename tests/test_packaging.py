@@ -85,6 +85,12 @@ def test_ci_runs_the_readmes_test_command():
     assert "readme_command.py test" in ci
     # lint first (a pinned ruff), then the README's command, then the real-ComfyUI suite with nothing skipped
     assert ci.index("ruff==$RUFF_VERSION") < ci.index("readme_command.py test") < ci.index("-m pytest -m comfyui")
+    # the mutation catalogue after the README's command (its .venv), before the real-ComfyUI step
+    assert (
+        ci.index("readme_command.py test")
+        < ci.index(".venv/bin/python tests/mutations/run.py")
+        < ci.index("-m pytest -m comfyui")
+    )
     assert re.search(r"^RUFF_VERSION=\d+\.\d+\.\d+$", ci, re.M) and "CONCEPT_EXPRESS_REQUIRE_ALL=1" in ci
     demo = readme_command("demo")
     assert "concept-express" in demo and "--demo" in demo

@@ -1,5 +1,7 @@
 """Token learning on tiny models (CPU): what learns, the split/merge bookkeeping, both update orders, resume,
-cancellation and divergence handling."""
+cancellation and divergence handling. That each loss term's gradient reaches the tokens (against finite
+differences), and each setting its use, is in test_train_reach.py; a loss-decrease ratio is not used as a check
+(it passed with the contrastive term never backpropagated)."""
 
 import dataclasses
 
@@ -8,7 +10,6 @@ import torch
 
 from concept_express.uce_core.backends.base import Prompt, Slot
 from concept_express.uce_core.errors import ConceptExpressError
-from concept_express.uce_core.losses import masked_denoising_loss
 from concept_express.uce_core.train import TrainingCancelled, TrainSettings, _Run, train_concept_tokens
 
 FAST = dict(steps=6, merge_step=3, split_tokens=2)
@@ -33,35 +34,6 @@ def test_only_the_new_vectors_learn(concepts_for, name):
     assert [tuple(v.shape) for v in tokens.vectors] == [(2, w) for w in backend.info.widths]
     assert tokens.encoder_keys == [e.key for e in backend.info.text_encoders]
     assert all(torch.isfinite(v).all() for v in tokens.vectors)
-
-
-def _held_out_loss(backend, concepts, tokens, draws=6):
-    """Mean masked denoising loss of each token's single prompt over fixed noise and timesteps (computed here,
-    not by the trainer)."""
-    g = torch.Generator().manual_seed(1234)
-    from PIL import Image
-
-    from concept_express.uce_core.images import to_tensor
-
-    x0 = backend.encode_image(to_tensor(Image.fromarray(concepts.image.numpy())))
-    total = 0.0
-    with torch.no_grad():
-        for i in range(len(concepts)):
-            cond = backend.encode_prompts([Prompt(("a photo of", Slot(i)))] * draws, vectors=tokens.vectors)
-            t = torch.randint(0, 1000, (draws,), generator=g)
-            noise = torch.randn((draws, *x0.shape[1:]), generator=g)
-            pred = backend.predict(backend.add_noise(x0, noise, t), t, cond)
-            mask = concepts.masks[i].float().expand(draws, -1, -1)
-            total += masked_denoising_loss(pred, backend.target(x0, noise, t), mask).mean().item()
-    return total / len(concepts)
-
-
-def test_training_lowers_the_masked_denoising_loss(concepts_for):
-    backend, concepts = concepts_for("tiny-sd1", 2)
-    settings = dict(merge_step=10, split_tokens=2, learning_rate=3e-2, attention_weight=0.0)
-    start = train_concept_tokens(backend, concepts, TrainSettings(steps=1, **settings))
-    trained = train_concept_tokens(backend, concepts, TrainSettings(steps=60, **settings))
-    assert _held_out_loss(backend, concepts, trained) < 0.97 * _held_out_loss(backend, concepts, start)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 11, 12])

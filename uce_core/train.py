@@ -22,6 +22,10 @@ Three update orders (``update``):
   alpha * eq. 10 in the split phase. Not the reference's trajectory: it makes g*N (or N + 1) times fewer updates,
   so at the same learning rate the tokens travel much less far (docs/deviations.md 3.2).
 
+The history records per step the mean over prompts of eq. 8, of eq. 11 (as the exact EMD between the token's
+attention and f_i, for display: the official Sinkhorn's own value is 0.0, see losses.py; the gradient is the
+Sinkhorn potential), and the contrastive value of each update; "loss" combines them with alpha and beta.
+
 All randomness of a step (flip, timesteps, noise, VAE posterior samples) is drawn up front from one seeded
 generator, so a step's result does not depend on how it is micro-batched, and a resumed run continues the same
 trajectory. Checkpoints (safetensors: vectors, AdamW state, loss scale, generator state, history) are written every
@@ -324,6 +328,7 @@ class _Run:
                 method=s.emd,
                 reg=s.sinkhorn_reg,
                 iterations=s.sinkhorn_iterations,
+                value="exact",  # recorded: the exact EMD (the Sinkhorn <P, C> is 0.0 at reg 1e-3); same gradient
             )
             attention = attention.index_add(0, torch.tensor(rows, device=per_pair.device), per_pair)
         return denoise, attention, cond
