@@ -162,12 +162,13 @@ def learn_merges(words=_WORDS, max_merges: int = 400) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tiny_tokenizer(directory: str | os.PathLike, pad: str) -> None:
-    """Write vocab.json, merges.txt and the tokenizer configs of the project's small CLIP-style tokenizer."""
+def write_tiny_tokenizer(directory: str | os.PathLike, pad: str, merges: list[tuple[str, str]] | None = None) -> None:
+    """Write vocab.json, merges.txt and the tokenizer configs of the project's small CLIP-style tokenizer (the
+    merges learned from the built-in word list unless ``merges`` are given)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     symbols = list(bytes_to_unicode().values())
-    merges = learn_merges()
+    merges = learn_merges() if merges is None else merges
     vocab_list = (
         symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     )
