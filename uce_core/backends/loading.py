@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConceptExpressError
+from ..world.model import WEIGHTS as WORLD_WEIGHTS
+from ..world.model import WORLD_MODEL
 from .diffusers_backend import DiffusersBackend, info_from_pipeline, resolve_precision
 from .tiny import TINY_MODELS, build_tiny_pipeline
 
@@ -75,6 +77,8 @@ def load_backend(
     name = os.fspath(model)
     if name in TINY_MODELS:
         pipe = build_tiny_pipeline(name, seed)
+    elif name == WORLD_MODEL:
+        pipe = _load_folder(WORLD_WEIGHTS)
     else:
         path = Path(name).expanduser()
         if path.is_dir():
@@ -84,7 +88,8 @@ def load_backend(
         else:
             raise ConceptExpressError(
                 f"{name}: no such file or folder. Give a single-file checkpoint (.safetensors/.ckpt), a diffusers "
-                f"model folder, or one of the random-weight test models {', '.join(TINY_MODELS)}."
+                f"model folder, the bundled scene-world model '{WORLD_MODEL}', or one of the random-weight test "
+                f"models {', '.join(TINY_MODELS)}."
             )
     info = info_from_pipeline(pipe, name, prediction_type)
     return DiffusersBackend(pipe, info, device=device, dtype=dtype or "auto")
