@@ -96,6 +96,7 @@ def test_the_package_ships_what_comfyui_needs_and_nothing_else(package):
     assert not top & {"tests", "benchmarks", ".ci", ".github", "docs"}
     assert "assets/example.png" in names  # copied into ComfyUI's input folder for the templates
     assert not [n for n in names if n.startswith("assets/") and n != "assets/example.png"]
+    assert not [n for n in names if n.startswith("uce_core/world/weights/")]  # the CLI demo's model, 25 MB
     assert {n for n in names if n.startswith("workflows/")} == {
         str(p.relative_to(ROOT)) for p in (ROOT / "workflows").iterdir()
     }

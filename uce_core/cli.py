@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .errors import ConceptExpressError
 
-EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.png"
-DEMO_MODEL = "tiny-sd1"
-# --demo trains a short schedule in the paper's split/merged proportion (1:4) so that the demo finishes in under a
-# minute on a CPU: the tiny model's random weights have nothing more to learn. --steps/--merge-step override it.
+# --demo: a scene of the project's scene world (uce_core/world) and the small model trained on that world, shipped
+# in the package; it trains a short schedule in the paper's split/merged proportion (1:4) so that the demo finishes
+# in under a minute on a CPU. --steps/--merge-step override it.
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "world-example.png"
+DEMO_MODEL = "world"
 DEMO_STEPS, DEMO_MERGE_STEP = 100, 20
 CHECKPOINT = ".training-checkpoint.safetensors"  # in the output folder while extract trains; removed after export
 
@@ -22,8 +23,9 @@ _DESCRIPTION = """\
 ConceptExpress: find the concepts in one image (no masks, no words, no count) and learn one
 textual-inversion token per concept with your own Stable Diffusion checkpoint.
 
-Models: a single-file .safetensors/.ckpt of SD1.x, SD2.x or SDXL, a diffusers folder, or one of the
-random-weight test models tiny-sd1, tiny-sd2, tiny-sdxl (their output is meaningless; for trying things out).
+Models: a single-file .safetensors/.ckpt of SD1.x, SD2.x or SDXL, a diffusers folder, the
+bundled scene-world model 'world' (a small model this project trained on its own procedural scenes, 128 px; the
+demo's model), or one of the random-weight test models tiny-sd1, tiny-sd2, tiny-sdxl (their output is meaningless).
 """
 
 
@@ -48,9 +50,14 @@ def _int_at_least(low: int, high: int | None = None):
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="checkpoint file, diffusers folder, or tiny-sd1 / tiny-sd2 / tiny-sdxl")
     group.add_argument(
-        "--demo", action="store_true", help=f"use the bundled example image and the random-weight {DEMO_MODEL} model"
+        "--model",
+        help="checkpoint file, diffusers folder, world (the bundled scene-world model), or tiny-sd1 / tiny-sd2 / tiny-sdxl",
+    )
+    group.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the bundled scene-world example and the scene-world model trained by this project",
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     group.add_argument(
@@ -319,7 +326,8 @@ def _resolve_inputs(args) -> tuple[str, str]:
         raise ConceptExpressError("give an IMAGE (or --demo for the bundled example)")
     if model is None:
         raise ConceptExpressError(
-            "give --model (a checkpoint, a diffusers folder, or tiny-sd1 for a random-weight test model), or --demo"
+            "give --model (a checkpoint, a diffusers folder, 'world' for the bundled scene-world model, or tiny-sd1 for a "
+            "random-weight test model), or --demo"
         )
     return image, model
 
