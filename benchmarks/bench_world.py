@@ -1,0 +1,240 @@
+"""End to end on the scene world (uce_core/world): does the whole method find objects and learn them, on a model
+that has learned something? A measurement script, not a test; results in benchmarks/README.md.
+
+1. Localization with the default settings (capture at t = 0 with the empty prompt, FINCH, EOT filter,
+   post-clustering) on held-out test scenes, scored against the ground-truth masks on the latent grid with the
+   paper's Hungarian IoU / recall / precision (eqs. 18-20), beside the same pipeline on the world model's
+   architecture with random weights, and the two low-level baselines (RGB k-means with k = objects + 1; saturation
+   threshold + connected components). Object IoU (each ground-truth object's matched IoU, 0 when unmatched) is
+   also given for all objects and for the objects that share their colour with another object of the scene.
+2. The end-of-text map's foreground ratio (mean over object cells / mean over the grid) for the empty prompt.
+3. Token learning (default schedule unless --steps) on the first --token-scenes test scenes: each learned token
+   renders "a photo of {i}" --renders times (DDIM 50 steps, guidance 7.5) and the judge (world/judge.py) names the
+   (shape, colour) it sees most; ACC^1 = share of renders whose judged class is the class of the object the concept
+   was matched to (a concept matched to no object counts as wrong). Beside it: the same with tokens trained on the
+   ground-truth masks (the upper bound localization can reach), random token vectors (an empirical chance), and
+   1 / 30 (uniform chance).
+
+    python benchmarks/bench_world.py                                   # everything (about 2 h on 2 CPU cores)
+    python benchmarks/bench_world.py --token-scenes 0                  # localization and EOT only (minutes)
+    python benchmarks/bench_world.py --scenes 12 --token-scenes 2 --steps 100 --renders 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from concept_express.uce_core.attention import capture_attention
+from concept_express.uce_core.backends.diffusers_backend import DiffusersBackend, info_from_pipeline
+from concept_express.uce_core.backends.loading import load_backend
+from concept_express.uce_core.concepts import Concepts
+from concept_express.uce_core.errors import ConceptExpressError
+from concept_express.uce_core.evaluate import iou_matrix
+from concept_express.uce_core.generate import generate_images
+from concept_express.uce_core.localize import localize_concepts, normalised_eot
+from concept_express.uce_core.regions import eot_scores, region_means
+from concept_express.uce_core.train import TrainSettings, train_concept_tokens
+from concept_express.uce_core.world.evaluation import (
+    eot_foreground_ratio,
+    kmeans_rgb,
+    saturation_components,
+    score,
+    truth_on_grid,
+)
+from concept_express.uce_core.world.judge import CLASSES, judge_labels, load_judge
+from concept_express.uce_core.world.model import random_world_pipeline
+from concept_express.uce_core.world.scenes import SPLITS, render_scene
+
+
+def object_ious(predicted: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """Each ground-truth object's IoU under the Hungarian assignment (0 when it is matched to nothing)."""
+    out = np.zeros(truth.shape[0])
+    if predicted.shape[0]:
+        ious = iou_matrix(predicted.bool(), truth.bool())
+        rows, cols = linear_sum_assignment(ious, maximize=True)
+        out[cols] = ious[rows, cols]
+    return out
+
+
+def localize_or_nothing(maps) -> Concepts | None:
+    try:
+        return localize_concepts(maps)
+    except ConceptExpressError:
+        return None
+
+
+def localization(backends: dict, scenes: list) -> dict:
+    methods = list(backends) + ["kmeans-rgb", "saturation-cc"]
+    rows = {m: [] for m in methods}
+    objects = {m: [] for m in methods}
+    shared = {m: [] for m in methods}
+    ratios = {m: [] for m in backends}
+    for scene in scenes:
+        share = scene.shares_colour
+        for name, backend in backends.items():
+            maps = capture_attention(backend, scene.image)
+            truth = truth_on_grid(scene, maps.grid)
+            ratios[name].append(eot_foreground_ratio(maps.eot_on_grid(), truth))
+            concepts = localize_or_nothing(maps)
+            predicted = concepts.masks if concepts is not None else torch.zeros((0, *maps.grid), dtype=torch.bool)
+            rows[name].append(score(predicted, truth))
+            per_object = object_ious(predicted, truth)
+            objects[name].extend(per_object)
+            shared[name].extend(per_object[share])
+        for name, method in (("kmeans-rgb", kmeans_rgb), ("saturation-cc", saturation_components)):
+            predicted = method(scene, truth.shape[1:])
+            rows[name].append(score(predicted, truth))
+            per_object = object_ious(predicted, truth)
+            objects[name].extend(per_object)
+            shared[name].extend(per_object[share])
+    table = {}
+    for m in methods:
+        table[m] = {
+            "iou": statistics.fmean(r.iou for r in rows[m]),
+            "recall": statistics.fmean(r.recall for r in rows[m]),
+            "precision": statistics.fmean(r.precision for r in rows[m]),
+            "concepts_per_scene": statistics.fmean(r.num_predicted for r in rows[m]),
+            "object_iou": float(np.mean(objects[m])),
+            "shared_colour_object_iou": float(np.mean(shared[m])) if shared[m] else float("nan"),
+        }
+        if m in ratios:
+            table[m]["eot_foreground_ratio"] = float(np.nanmean(ratios[m]))
+    return {
+        "scenes": len(scenes),
+        "objects": sum(len(s.objects) for s in scenes),
+        "shared_colour_objects": int(sum(s.shares_colour.sum() for s in scenes)),
+        "methods": table,
+    }
+
+
+def truth_concepts(maps, truth: torch.Tensor) -> Concepts:
+    """Concepts from the ground-truth masks: f_i and the EOT scores by the method's own rules (eqs. 5-6)."""
+    labels = torch.full((maps.n,), -1, dtype=torch.long)
+    for i, mask in enumerate(truth):
+        labels[mask.reshape(-1)] = i
+    k = truth.shape[0]
+    rows = maps.self_attention
+    eot = normalised_eot(maps, rows.device).reshape(-1)
+    return Concepts(truth.clone(), region_means(rows, labels, k), eot_scores(eot, labels, k).float(), maps.grid,
+                    maps.image, {"source": "ground truth"})  # fmt: skip
+
+
+def judged_correct(backend, tokens, wanted: list, judge, renders: int, seed: int) -> list[int]:
+    """Per concept, how many of its renders the judge names as ``wanted[i]`` (None: never correct)."""
+    correct = []
+    for i, label in enumerate(wanted):
+        images = generate_images(backend, tokens, f"a photo of {{{i + 1}}}", seed=seed, count=renders)
+        names = judge_labels(judge, np.stack([np.asarray(im.convert("RGB")) for im in images]))
+        correct.append(sum(n == label for n in names) if label is not None else 0)
+    return correct
+
+
+def token_learning(backend, scenes: list, settings: TrainSettings, renders: int, log) -> dict:
+    judge = load_judge()
+    found, truth_total, found_total, chance = [], 0, 0, []
+    truth_correct = 0
+    matched_concepts = 0
+    for number, scene in enumerate(scenes, 1):
+        start = time.perf_counter()
+        maps = capture_attention(backend, scene.image)
+        truth = truth_on_grid(scene, maps.grid)
+        labels = [o.label for o in scene.objects]
+        concepts = localize_or_nothing(maps)
+        if concepts is not None and len(concepts):
+            ious = iou_matrix(concepts.masks, truth)
+            rows, cols = linear_sum_assignment(ious, maximize=True)
+            wanted = [None] * len(concepts)
+            for r, c in zip(rows, cols):
+                if ious[r, c] > 0:
+                    wanted[r] = labels[c]
+            tokens = train_concept_tokens(backend, concepts, settings)
+            hits = judged_correct(backend, tokens, wanted, judge, renders, seed=scene.seed)
+            found.append(sum(hits))
+            found_total += renders * len(concepts)
+            matched_concepts += sum(w is not None for w in wanted)
+            # empirical chance: the learned vectors' norms, random directions
+            generator = torch.Generator().manual_seed(scene.seed)
+            tokens.vectors = [torch.randn(v.shape, generator=generator) * v.norm(dim=1, keepdim=True) / v.shape[1] ** 0.5
+                              for v in tokens.vectors]  # fmt: skip
+            chance.append(sum(judged_correct(backend, tokens, wanted, judge, renders, seed=scene.seed)))
+        gt_tokens = train_concept_tokens(backend, truth_concepts(maps, truth), settings)
+        truth_correct += sum(judged_correct(backend, gt_tokens, labels, judge, renders, seed=scene.seed))
+        truth_total += renders * len(labels)
+        log(f"  token scene {number}/{len(scenes)} (seed {scene.seed}, {len(labels)} objects, "
+            f"{0 if concepts is None else len(concepts)} concepts): {time.perf_counter() - start:.0f} s")  # fmt: skip
+    return {
+        "scenes": len(scenes),
+        "steps": settings.steps,
+        "renders_per_concept": renders,
+        "acc1_found_concepts": sum(found) / max(1, found_total),
+        "concepts_found": found_total // max(1, renders),
+        "concepts_matched_to_an_object": matched_concepts,
+        "acc1_ground_truth_masks": truth_correct / max(1, truth_total),
+        "acc1_random_vectors": sum(chance) / max(1, found_total),
+        "acc1_uniform_chance": 1 / len(CLASSES),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenes", type=int, default=50, help="held-out test scenes for localization")
+    parser.add_argument("--token-scenes", type=int, default=10, help="test scenes for token learning (0: skip)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the default schedule)")
+    parser.add_argument("--renders", type=int, default=4, help="renders per learned token")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    scenes = [render_scene(seed) for seed in SPLITS["test"][: args.scenes]]
+    world = load_backend("world", device="cpu")
+    pipe = random_world_pipeline(seed=0)
+    control = DiffusersBackend(pipe, info_from_pipeline(pipe, "world-random"))
+    result = {"localization": localization({"world": world, "world-random": control}, scenes)}
+    loc = result["localization"]
+    print(f"Localization on {loc['scenes']} held-out test scenes ({loc['objects']} objects, "
+          f"{loc['shared_colour_objects']} share their colour with another object), default settings:\n")  # fmt: skip
+    print(
+        f"{'method':<16}{'IoU':>7}{'recall':>8}{'prec.':>7}{'N/scene':>9}{'obj IoU':>9}{'shared':>8}{'EOT ratio':>11}"
+    )
+    for name, m in loc["methods"].items():
+        ratio = f"{m['eot_foreground_ratio']:.2f}" if "eot_foreground_ratio" in m else "-"
+        print(f"{name:<16}{m['iou']:7.3f}{m['recall']:8.3f}{m['precision']:7.3f}{m['concepts_per_scene']:9.2f}"
+              f"{m['object_iou']:9.3f}{m['shared_colour_object_iou']:8.3f}{ratio:>11}")  # fmt: skip
+    best_baseline = max(loc["methods"]["kmeans-rgb"]["shared_colour_object_iou"],
+                        loc["methods"]["saturation-cc"]["shared_colour_object_iou"])  # fmt: skip
+    margin = loc["methods"]["world"]["shared_colour_object_iou"] - best_baseline
+    print(f"\nshared-colour objects: world model {margin:+.3f} IoU over the better baseline")
+    if args.token_scenes:
+        settings = (
+            TrainSettings()
+            if args.steps is None
+            else TrainSettings(steps=args.steps, merge_step=min(100, args.steps // 5))
+        )
+        token_scenes = scenes[: args.token_scenes]
+        print(
+            f"\nToken learning on {len(token_scenes)} scenes, {settings.steps} steps, {args.renders} renders per token:"
+        )
+        result["tokens"] = token_learning(world, token_scenes, settings, args.renders, print)
+        t = result["tokens"]
+        print(f"ACC^1 found concepts {t['acc1_found_concepts']:.3f} ({t['concepts_found']} concepts, "
+              f"{t['concepts_matched_to_an_object']} matched to an object); ground-truth masks "
+              f"{t['acc1_ground_truth_masks']:.3f}; random vectors {t['acc1_random_vectors']:.3f}; "
+              f"uniform chance {t['acc1_uniform_chance']:.3f}")  # fmt: skip
+    result["seconds"] = round(time.perf_counter() - started)
+    print(f"\n{result['seconds']} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
