@@ -52,7 +52,7 @@ def test_extract_writes_loadable_embeddings_then_generate_renders_them(tmp_path)
     assert f"{len(names)} concept(s)" in result.stdout and "embedding:concept/concept_1" in result.stdout
     for name in names:
         vectors = load_file(out / f"{name}.safetensors")
-        assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (1, 32)
+        assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (1, 128)  # the world model's width
         assert (out / f"{name}_mask.png").exists()
     for name in ("attention_rows.png", "eot.png", "concepts.png", "loss.png"):
         with Image.open(out / name) as im:
@@ -85,8 +85,8 @@ def test_extract_writes_loadable_embeddings_then_generate_renders_them(tmp_path)
     pictures = sorted(images.glob("*.png"))
     assert len(pictures) == 2
     with Image.open(out / "image.png") as source:
-        size = source.size  # the training image at the model's working size: the example is landscape
-    assert size[0] > size[1] and size[0] % 64 == 0 and size[1] % 64 == 0
+        size = source.size  # the training image at the model's working size: the world's 128 x 128
+    assert size == (128, 128)
     for picture in pictures:
         with Image.open(picture) as im:
             assert im.size == size

@@ -14,6 +14,8 @@ from PIL import Image
 from concept_express.uce_core import cli
 from concept_express.uce_core.concepts import Concepts
 
+TINY_ON_EXAMPLE = (str(cli.EXAMPLE_IMAGE), "--model", "tiny-sd1")  # the still life, on tiny-sd1's 16 x 24 grid
+
 BALL = (80, 160, 0, 80)  # source pixels y0, y1, x0, x1 -> rows 2..4, columns 0..2
 MUG = (240, 320, 400, 480)  # rows 8..10, columns 15..17
 DOT = (400, 410, 540, 550)  # 10 x 10 pixels inside cell (14, 20)
@@ -47,7 +49,7 @@ def test_localize_takes_a_folder_of_masks_in_name_order(tmp_path, capsys):
     write_mask(folder / "2-mug.png", MUG)
     write_mask(folder / "3-dot.png", DOT)
     (folder / "notes.txt").write_text("not a mask")
-    code, out, err = run(capsys, "localize", "--demo", "--masks", str(folder), "--out", str(tmp_path / "out"))
+    code, out, err = run(capsys, "localize", *TINY_ON_EXAMPLE, "--masks", str(folder), "--out", str(tmp_path / "out"))
     assert code == 0, err
     concepts = Concepts.load(tmp_path / "out" / "concepts.safetensors")
     expected = [grid_of((2, 5, 0, 3)), grid_of((8, 11, 15, 18)), grid_of((14, 15, 20, 21))]
@@ -60,7 +62,7 @@ def test_extract_trains_the_given_masks_under_the_given_names(tmp_path, capsys):
     code, stdout, err = run(
         capsys,
         "extract",
-        "--demo",
+        *TINY_ON_EXAMPLE,
         "--masks",
         m1,
         m2,
@@ -97,7 +99,7 @@ def test_edits_in_the_cli_keep_merge_and_split(tmp_path, capsys):
     code, _, err = run(
         capsys,
         "localize",
-        "--demo",
+        *TINY_ON_EXAMPLE,
         "--masks",
         str(two_pieces),
         dot,
@@ -115,7 +117,7 @@ def test_edits_in_the_cli_keep_merge_and_split(tmp_path, capsys):
     code, _, err = run(
         capsys,
         "localize",
-        "--demo",
+        *TINY_ON_EXAMPLE,
         "--masks",
         str(two_pieces),
         dot,
@@ -151,7 +153,7 @@ def test_a_transparent_region_of_a_picture_is_its_mask(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, case, message):
-    args = ["extract", "--demo", "--steps", "2", "--merge-step", "1", "--out", str(tmp_path / "out")]
+    args = ["extract", *TINY_ON_EXAMPLE, "--steps", "2", "--merge-step", "1", "--out", str(tmp_path / "out")]
     ball = write_mask(tmp_path / "ball.png", BALL)
     if case == "empty":
         args += ["--masks", write_mask(tmp_path / "empty.png", (0, 0, 0, 0))]

@@ -109,7 +109,7 @@ def test_cli_help_reads_well():
 def test_cli_capture_demo_writes_readable_previews(tmp_path):
     result = _run("-m", "concept_express.uce_core.cli", "capture", "--demo", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stdout
+    assert "model: world" in result.stdout  # the demo's model: the scene world's
     for name in ("attention_rows.png", "eot.png"):
         with Image.open(tmp_path / name) as im:
             im.load()

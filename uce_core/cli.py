@@ -14,7 +14,9 @@ from .errors import ConceptExpressError
 # --demo: a scene of the project's scene world (uce_core/world) and the small model trained on that world, shipped
 # in the package; it trains a short schedule in the paper's split/merged proportion (1:4) so that the demo finishes
 # in under a minute on a CPU. --steps/--merge-step override it.
-EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "world-example.png"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_IMAGE = ASSETS / "world-example.png"
+EXAMPLE_IMAGE = ASSETS / "example.png"  # the still life of the ComfyUI templates (640 x 480): the tests' picture
 DEMO_MODEL = "world"
 DEMO_STEPS, DEMO_MERGE_STEP = 100, 20
 CHECKPOINT = ".training-checkpoint.safetensors"  # in the output folder while extract trains; removed after export
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_inputs(args) -> tuple[str, str]:
     image, model = args.image, args.model
     if args.demo:
-        image = image or str(EXAMPLE_IMAGE)
+        image = image or str(DEMO_IMAGE)
         model = model or DEMO_MODEL
     if image is None:
         raise ConceptExpressError("give an IMAGE (or --demo for the bundled example)")
@@ -501,7 +503,7 @@ def _localize(args, maps, given=None):
 def run_localize(args) -> int:
     from .attention import AttentionMaps
 
-    source = args.source or (str(EXAMPLE_IMAGE) if args.demo else None)
+    source = args.source or (str(DEMO_IMAGE) if args.demo else None)
     if source is None:
         raise ConceptExpressError("give attention.safetensors from 'capture', an image, or --demo")
     given = _given_masks(args)

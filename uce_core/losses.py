@@ -110,8 +110,11 @@ def emd_alignment_loss(
             raise ValueError(f"EMD method must be 'sinkhorn' or 'exact', not {method!r}")
         shown = result_value
         if value == "exact" and method != "exact":  # the exact EMD for display; the gradient stays the method's
-            pairs = zip(a.detach().double().cpu(), b.double().cpu())
-            shown = torch.stack([torch.as_tensor(ot.emd2(ai, bi, cost.double().cpu())) for ai, bi in pairs]).to(a)
+            if bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()):
+                pairs = zip(a.detach().double().cpu(), b.double().cpu())
+                shown = torch.stack([torch.as_tensor(ot.emd2(ai, bi, cost.double().cpu())) for ai, bi in pairs]).to(a)
+            else:  # a diverged step: POT refuses non-finite masses; the training's divergence check sees the NaN
+                shown = torch.full_like(result_value, float("nan"))
     potential = potential - potential.mean(dim=-1, keepdim=True)
     surrogate = (potential * a).sum(dim=-1)
     return shown + surrogate - surrogate.detach()
