@@ -32,9 +32,8 @@ from ..errors import ConceptExpressError
 from ..world.model import WEIGHTS as WORLD_WEIGHTS
 from ..world.model import WORLD_MODEL
 from .diffusers_backend import DiffusersBackend, info_from_pipeline, resolve_precision
-from .tiny import TINY_MODELS, build_tiny_pipeline
+from .tiny import CONFIG_DIR, TINY_MODELS, build_tiny_pipeline
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _UNET = "model.diffusion_model."
 _V_PRED_PROBE = _UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"

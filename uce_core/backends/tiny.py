@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+CONFIG_DIR = Path(__file__).parent / "configs"  # the architectures' configs: SD1.x, SD2.x, SDXL (also loading's)
+
 TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
 TINY_RESOLUTION = 128  # pixels; latent grid 16x16
 ATTENTION_SHARPNESS = 4.0
@@ -351,8 +353,6 @@ def build_random_pipeline(config: str = "sd2-base", seed: int = 0):
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .loading import CONFIG_DIR
 
     root = CONFIG_DIR / config
     if not root.is_dir():
