@@ -11,6 +11,7 @@ from concept_express.uce_core.memory import (
     BACKWARD_FACTOR,
     GiB,
     plan_micro_batch,
+    resident_peaks,
     saved_bytes,
     system_available_memory,
 )
@@ -83,6 +84,28 @@ def _synthetic(batch):
     w = torch.ones(MiB // 4, requires_grad=True)
     x = torch.ones(batch, MiB // 4, requires_grad=True)
     return (x * w).sum()
+
+
+def _touching(per_prompt_mib: int):
+    """A 'training step' that saves nothing for backward but briefly holds ``per_prompt_mib`` MiB per prompt of
+    temporaries (pages written, so resident), as a backward pass's gradients or an allocator's pools do."""
+
+    def step(batch):
+        block = torch.empty(batch * per_prompt_mib * MiB // 8, dtype=torch.float64)
+        block.fill_(1.0)
+        del block
+
+    return step
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the resident peak on Linux")
+def test_resident_peaks_see_temporaries_that_saved_bytes_do_not():
+    one, two = resident_peaks(_touching(64))
+    assert 60 * MiB <= one <= 80 * MiB and 124 * MiB <= two <= 150 * MiB
+    # the planner takes the measured cost when it is the larger: 64 MiB per prompt, not the 1 MiB saved for backward
+    plan = plan_micro_batch(torch.device("cpu"), 20, _synthetic, budget_gib=500 * MiB / GiB, step=_touching(64))
+    assert 60 * MiB <= plan.per_prompt <= 80 * MiB
+    assert plan.micro_batch == (500 * MiB - plan.fixed) // plan.per_prompt < 8
 
 
 @pytest.mark.parametrize(

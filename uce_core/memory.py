@@ -14,7 +14,10 @@ The rule (``plan_micro_batch``):
   micro-batch m is estimated at fixed + ``BACKWARD_FACTOR`` x m x d: the backward pass holds, besides the saved
   tensors, the gradients of the activations it is working through, the losses' own work (the EMD's Sinkhorn
   iterations) and what the allocator keeps (measured: 3.3 x d for the SD1.5 architecture at full size on the CPU,
-  tests/test_memory.py's real-size run; about 1 on tiny models: benchmarks/README.md "Training memory");
+  tests/test_memory.py's real-size run; about 1 on tiny models: benchmarks/README.md "Training memory"). On a Linux
+  CPU, where overcommitting means the kernel kills the process (a ComfyUI server with it), the planner also runs a
+  forward and backward pass on 1 and on 2 prompts and measures the resident-set peak each adds; per prompt and fixed
+  are then at least what was measured (an SDXL run inside ComfyUI needed more than 2.5x the saved-bytes estimate);
 * micro-batch: the largest m <= the prompts of a step whose estimate fits the budget, at least 1.
 
 Where the device reports running out (CUDA, MPS, a CPU allocation that fails) the step is retried at half the
@@ -72,10 +75,12 @@ def plan_micro_batch(
     budget_gib: float = 0.0,
     available: tuple[int | None, str] | None = None,
     resident: set[tuple[str, int]] = frozenset(),
+    step: Callable[[int], None] | None = None,
 ) -> MicroBatchPlan:
     """The micro-batch for steps of up to ``prompts`` prompts; ``forward(m)`` runs the training forward on m prompts
-    (its saved tensors are counted, except the ``resident`` ones (the models' weights), its result dropped). See the
-    module docstring."""
+    (its saved tensors are counted, except the ``resident`` ones (the models' weights), its result dropped). On a
+    Linux CPU, ``step(m)`` (forward and backward on m prompts) is also run for m = 1 and 2 and the process's resident
+    peak measured (``resident_peaks``); the estimate takes the larger of the two. See the module docstring."""
     if budget_gib > 0:
         budget, source = int(budget_gib * GiB), "the memory budget given"
     else:
@@ -91,11 +96,49 @@ def plan_micro_batch(
     saved = max(two - one, 1)
     per_prompt = int(BACKWARD_FACTOR * saved)
     fixed = max(one - saved, 0)
+    if step is not None and torch.device(device).type == "cpu":
+        peaks = resident_peaks(step)  # what forward + backward really take, temporaries and allocator included
+        if peaks is not None:
+            per_prompt = max(per_prompt, peaks[1] - peaks[0])
+            fixed = max(fixed, peaks[0] - per_prompt)
     if budget is None:
         micro = 1
     else:
         micro = max(1, min(prompts, (budget - fixed) // per_prompt))
     return MicroBatchPlan(int(micro), prompts, per_prompt, fixed, budget, source)
+
+
+def _status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def resident_peaks(step: Callable[[int], None]) -> tuple[int, int] | None:
+    """Linux: the process's resident-set peak above its size before, while ``step(1)`` and then ``step(2)`` run (the
+    second measured from the same starting size, so that memory the allocator kept from the first still counts);
+    None where the kernel does not offer it."""
+    clear_refs = Path("/proc/self/clear_refs")
+    before = _status("VmRSS:")
+    if before is None or not clear_refs.exists():
+        return None
+    peaks = []
+    for count in (1, 2):
+        try:
+            clear_refs.write_text("5")  # the high-water mark restarts from the current resident set
+        except OSError:
+            return None
+        step(count)
+        gc.collect()
+        peak = _status("VmHWM:")
+        if peak is None:
+            return None
+        peaks.append(max(peak - before, 0))
+    return peaks[0], max(peaks[1], peaks[0])
 
 
 def resident_storages(modules) -> set[tuple[str, int]]:

@@ -488,17 +488,26 @@ class _Run:
         items = self.items()  # the split phase's g*N prompts (or N + 1 after the merge): the largest steps left
         prompts = len(items)
 
-        def saved_by(count: int) -> None:
+        def probe(count: int):  # count prompts of the largest step, at t = 0, with copies of the vectors
             chosen = (items * count)[:count]
             draws = _Draws(
                 False, torch.zeros(count, dtype=torch.long), *(torch.zeros(count, *self.latent_mean.shape[1:]),) * 2
             )
             copies = [v.detach().unsqueeze(0).repeat(count, 1, 1).requires_grad_() for v in self.vectors]
-            self.forward(chosen, draws, slice(0, count), copies)
+            return self.forward(chosen, draws, slice(0, count), copies)
+
+        def saved_by(count: int) -> None:
+            probe(count)
+
+        def step_of(count: int) -> None:  # forward and backward, as a step does, nothing kept
+            denoise, attention, _ = probe(count)
+            (denoise + self.s.attention_weight * attention).sum().backward()
 
         modules = getattr(self.backend, "modules", None)
         resident = resident_storages(modules()) if modules is not None else set()
-        plan = plan_micro_batch(self.device, prompts, saved_by, budget_gib=self.s.memory_budget, resident=resident)
+        plan = plan_micro_batch(
+            self.device, prompts, saved_by, budget_gib=self.s.memory_budget, resident=resident, step=step_of
+        )
         self.micro_batch = plan.micro_batch
         self.notes.append(plan.describe())
         if self.resumed_micro_batch and self.resumed_micro_batch < self.micro_batch:
