@@ -102,3 +102,13 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped, but this run must run every test: {reason}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The SDXL ComfyUI tests run first on the shared server. Known problem, not yet solved: inside a ComfyUI server
+    that has already run the SD1.5 tests (about 12 GB resident, 9.8 GB left on a 24 GB machine), the SDXL extract's
+    training grew the process by about 12 GB against an estimate near 8 GB, and the kernel killed the server (the
+    same run in a fresh server peaks at 15.8 GB and passes). See docs/comfyui-tests.md."""
+    items.sort(
+        key=lambda item: 0 if item.path.name == "test_comfyui_sdxl.py" else 1
+    )  # stable: the rest keep their order
