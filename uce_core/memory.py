@@ -17,7 +17,8 @@ The rule (``plan_micro_batch``):
   tests/test_memory.py's real-size run; about 1 on tiny models: benchmarks/README.md "Training memory"). On a Linux
   CPU, where overcommitting means the kernel kills the process (a ComfyUI server with it), the planner also runs a
   forward and backward pass on 1 and on 2 prompts and measures the resident-set peak each adds; per prompt and fixed
-  are then at least what was measured (an SDXL run inside ComfyUI needed more than 2.5x the saved-bytes estimate);
+  are then at least what was measured. (Not enough for everything: an SDXL extract inside a ComfyUI server grew the
+  process by about 12 GB where about 8 GB were estimated; docs/comfyui-tests.md, a known problem);
 * micro-batch: the largest m <= the prompts of a step whose estimate fits the budget, at least 1.
 
 Where the device reports running out (CUDA, MPS, a CPU allocation that fails) the step is retried at half the
