@@ -10,7 +10,7 @@
 # POT and this project. --prepare downloads the versions installed in this environment (the ones tested here) for
 # the GPU machine's Python (GPU_PYTHON, default 3.12; x86-64 manylinux), safetensors too, and builds this project's
 # wheel from the working tree. Variables: PYTHON (default .venv/bin/python if present, else python3), GPU_RUN_WHEELS
-# (default .whl at the repository root), GPU_RUN_SITE (where the wheels are installed, default /tmp/gpu-run-site).
+# (default .whl at the repository root), GPU_RUN_SITE (where the wheels are installed, default .gpu-run-site at the repository root).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WHEELS=${GPU_RUN_WHEELS:-$ROOT/.whl}
@@ -36,7 +36,7 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 
-SITE=${GPU_RUN_SITE:-/tmp/gpu-run-site}
+SITE=${GPU_RUN_SITE:-$ROOT/.gpu-run-site}
 shopt -s nullglob
 wheels=("$WHEELS"/*.whl)
 if [ ${#wheels[@]} -gt 0 ]; then
