@@ -22,7 +22,9 @@ Stages, each checkpointed in ``OUT/`` so that ``--resume`` continues where the r
 Every ``--probe-every`` UNet steps the EMA model is measured on validation scenes with the project's own capture and
 localization (``evaluation``): localization IoU / recall / precision and the end-of-text map's foreground ratio.
 When the time budget runs out the UNet stage stops early and the run exports what it has (the record says so);
-``--resume --finish`` does the same at the last checkpoint, by hand.
+``--resume --finish`` does the same at the last checkpoint, by hand. ``--resume`` may change ``--budget-hours`` (and
+nothing else): the UNet stage then gets the seconds it has run plus what the new budget leaves, and its cosine decay
+stretches to the new end.
 """
 
 from __future__ import annotations
@@ -346,7 +348,9 @@ def stage_unet(out: Path, s: RecipeSettings, parts, latents: torch.Tensor, progr
         generator.set_state(state["generator"])
         rng.bit_generator.state = state["rng"]
         step, losses, probes = state["step"], state["losses"], state["probes"]
-        spent, budget = state["seconds"], state["budget"]
+        # the stage's budget: the seconds it has run plus what the run has left (a changed --budget-hours counts)
+        spent = state["seconds"]
+        budget = spent + max(1.0, deadline - time.time())
     resumed_at = time.time() - spent
 
     def checkpoint():
@@ -492,8 +496,9 @@ def run(out: Path, settings: RecipeSettings, threads: int, argv: list[str], resu
         if not resume:
             raise SystemExit(f"{out} holds a run already; add --resume to continue it, or choose another --out.")
         saved = json.loads(settings_file.read_text())
-        if saved != asdict(settings):
-            raise SystemExit(f"{out} was started with other settings ({saved}); continue it with those settings.")
+        if {**saved, "budget_hours": settings.budget_hours} != asdict(settings):  # only the budget may change
+            raise SystemExit(f"{out} was started with other settings ({saved}); continue it with those settings "
+                             "(only --budget-hours may change when resuming).")  # fmt: skip
     settings_file.write_text(json.dumps(asdict(settings), indent=1))
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
