@@ -37,7 +37,7 @@ def sd1_backend():
 
 @pytest.fixture
 def example_image():
-    from concept_express.uce_core.cli import EXAMPLE_IMAGE
+    from concept_express.uce_core.cli_options import EXAMPLE_IMAGE
 
     return EXAMPLE_IMAGE
 
@@ -58,7 +58,7 @@ def hand_made_concepts(maps, boxes):
 @functools.cache
 def _maps(name):
     from concept_express.uce_core.attention import capture_attention
-    from concept_express.uce_core.cli import EXAMPLE_IMAGE
+    from concept_express.uce_core.cli_options import EXAMPLE_IMAGE
 
     return capture_attention(_tiny_backend(name), EXAMPLE_IMAGE)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from concept_express.uce_core import cli
+from concept_express.uce_core import cli, cli_options
 
 
 def _cli(*args, cwd=None):
@@ -39,7 +39,7 @@ def _cli(*args, cwd=None):
 )
 def test_training_schedule_defaults(argv, expected):
     args = cli.build_parser().parse_args(argv)
-    assert cli._schedule(args) == expected
+    assert cli_options.schedule(args) == expected
 
 
 def test_extract_writes_loadable_embeddings_then_generate_renders_them(tmp_path):

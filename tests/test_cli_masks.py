@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from concept_express.uce_core import cli
+from concept_express.uce_core import cli, cli_options
 from concept_express.uce_core.concepts import Concepts
 
-TINY_ON_EXAMPLE = (str(cli.EXAMPLE_IMAGE), "--model", "tiny-sd1")  # the still life, on tiny-sd1's 16 x 24 grid
+TINY_ON_EXAMPLE = (str(cli_options.EXAMPLE_IMAGE), "--model", "tiny-sd1")  # the still life, on tiny-sd1's 16 x 24 grid
 
 BALL = (80, 160, 0, 80)  # source pixels y0, y1, x0, x1 -> rows 2..4, columns 0..2
 MUG = (240, 320, 400, 480)  # rows 8..10, columns 15..17

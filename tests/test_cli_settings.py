@@ -2,7 +2,7 @@
 that is parsed but never passed on is a setting that never reaches its use). What each setting then does is tested
 where it is used (test_capture_settings.py, test_localize.py, test_train_reach.py)."""
 
-from concept_express.uce_core import cli
+from concept_express.uce_core import cli, cli_options
 from concept_express.uce_core.localize import LocalizeSettings
 from concept_express.uce_core.train import TrainSettings
 
@@ -28,7 +28,7 @@ def test_every_training_flag_reaches_its_setting():
     argv = ["extract", "photo.png", "--model", "m", "--no-flip", "--gradient-checkpointing"]
     for flag, (_, text, _) in TRAIN_FLAGS.items():
         argv += [flag, text]
-    settings = cli.train_settings(cli.build_parser().parse_args(argv))
+    settings = cli_options.train_settings(cli.build_parser().parse_args(argv))
     default = TrainSettings()
     for flag, (field, _, value) in TRAIN_FLAGS.items():
         assert getattr(default, field) != value, flag  # the test value is not the default

@@ -77,7 +77,7 @@ def test_training_through_comfyui_leaves_nothing_patched_and_only_vectors_learn(
 
     from concept_express.uce_core.attention import capture_attention
     from concept_express.uce_core.backends.comfy_backend import ComfyBackend
-    from concept_express.uce_core.cli import EXAMPLE_IMAGE
+    from concept_express.uce_core.cli_options import EXAMPLE_IMAGE
     from concept_express.uce_core.train import TrainSettings, train_concept_tokens
 
     model, clip, vae = comfy_sd15

@@ -140,7 +140,7 @@ def test_capture_runs_in_float32_and_training_under_the_policy_s_autocast(concep
     while training's forwards run under the policy's autocast."""
     from concept_express.uce_core.attention import capture_attention
     from concept_express.uce_core.backends.loading import load_backend
-    from concept_express.uce_core.cli import EXAMPLE_IMAGE
+    from concept_express.uce_core.cli_options import EXAMPLE_IMAGE
     from concept_express.uce_core.train import TrainSettings, train_concept_tokens
 
     _, concepts = concepts_for("tiny-sd1", 1)

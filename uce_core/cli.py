@@ -9,16 +9,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cli_options import (
+    DEMO_IMAGE,
+    DEMO_MODEL,
+    as_given_or_absolute,
+    capture_options,
+    export_options,
+    int_at_least,
+    localize_options,
+    model_options,
+    output_options,
+    say,
+    steering_options,
+    train_options,
+    train_settings,
+)
 from .errors import ConceptExpressError
 
-# --demo: a scene of the project's scene world (uce_core/world) and the small model trained on that world, shipped
-# in the package; it trains a short schedule in the paper's split/merged proportion (1:4) so that the demo finishes
-# in under a minute on a CPU. --steps/--merge-step override it.
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_IMAGE = ASSETS / "world-example.png"
-EXAMPLE_IMAGE = ASSETS / "example.png"  # the still life of the ComfyUI templates (640 x 480): the tests' picture
-DEMO_MODEL = "world"
-DEMO_STEPS, DEMO_MERGE_STEP = 100, 20
 CHECKPOINT = ".training-checkpoint.safetensors"  # in the output folder while extract trains; removed after export
 
 _DESCRIPTION = """\
@@ -29,218 +36,6 @@ Models: a single-file .safetensors/.ckpt of SD1.x, SD2.x or SDXL, a diffusers fo
 bundled scene-world model 'world' (a small model this project trained on its own procedural scenes, 128 px; the
 demo's model), or one of the random-weight test models tiny-sd1, tiny-sd2, tiny-sdxl (their output is meaningless).
 """
-
-
-def _int_at_least(low: int, high: int | None = None):
-    """argparse type: an integer in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give {low}..{high}"
-                if high is not None
-                else f"{value} is too small: give at least {low}"
-            )
-        return value
-
-    return parse
-
-
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        help="checkpoint file, diffusers folder, world (the bundled scene-world model), or tiny-sd1 / tiny-sd2 / tiny-sdxl",
-    )
-    group.add_argument(
-        "--demo",
-        action="store_true",
-        help="use the bundled scene-world example and the scene-world model trained by this project",
-    )
-    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    group.add_argument(
-        "--dtype",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        default="auto",
-        help="precision: fp32, or fp16/bf16 mixed precision (float32 weights, training under autocast, the VAE in "
-        "half precision), as the reference's --mixed_precision (default auto: fp16 on CUDA, fp32 elsewhere)",
-    )
-    group.add_argument(
-        "--prediction-type",
-        choices=["epsilon", "v_prediction"],
-        help="override the model's prediction type (SD2.x single files are detected automatically)",
-    )
-    group.add_argument("--tokenizer", help="folder with the CLIP tokenizer, for single-file checkpoints")
-    group.add_argument("--config", help="diffusers folder whose configs describe a single-file checkpoint")
-
-
-def _capture_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("attention capture")
-    group.add_argument(
-        "--timestep",
-        type=_int_at_least(0, 999),
-        default=0,
-        help="timestep of the capture pass (default 0, the reference's)",
-    )
-    group.add_argument("--capture-prompt", default="", help='prompt of the capture pass (default "", the reference\'s)')
-    group.add_argument(
-        "--resize",
-        choices=["keep", "stretch"],
-        default="keep",
-        help="keep the aspect ratio (default) or stretch to a square like the reference",
-    )
-    group.add_argument(
-        "--resolution", type=_int_at_least(64), help="working resolution in pixels (default: the model's native one)"
-    )
-
-
-def _localize_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("concept localization")
-    group.add_argument(
-        "--n-max", type=int, default=10, help="upper limit N_max used to pick the pre-clustering level (default 10)"
-    )
-    group.add_argument(
-        "--delta",
-        choices=["reference", "paper"],
-        default="reference",
-        help="post-clustering threshold: the official code's (default) or the paper's reading",
-    )
-    group.add_argument(
-        "--min-area",
-        type=float,
-        default=0.0,
-        help="drop concepts smaller than this fraction of the image (default 0: off, as the reference)",
-    )
-
-
-def _steering_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "concepts you give or correct",
-        "Masks: white (>= 50%) = the concept, at any resolution of this image; a picture with transparency "
-        "counts its transparent part (as ComfyUI's Load Image). A grid cell belongs to a mask when at least half of "
-        "it is covered. Edits use the overlay's numbers (concepts.png) and run in the order merge, keep/drop, "
-        "split, names.",
-    )
-    group.add_argument(
-        "--masks", nargs="+", metavar="MASK", help="mask files, one per concept, or one folder of them (name order)"
-    )
-    group.add_argument("--label-image", help="a label image: each colour one concept, black none")
-    group.add_argument(
-        "--mask-mode",
-        choices=["replace", "add"],
-        default="replace",
-        help="replace (default): the given masks are the concepts; add: add them to the concepts found (a mask "
-        "covering more than half of a found concept replaces it)",
-    )
-    group.add_argument("--keep", default="", help='only these concepts, e.g. "1,3,4"')
-    group.add_argument("--drop", default="", help='leave these concepts out, e.g. "2"')
-    group.add_argument("--merge", default="", help='one concept of each group, e.g. "2+5, 3+4"')
-    group.add_argument(
-        "--split-instances", action="store_true", help="a concept of separate pieces becomes one concept per piece"
-    )
-    group.add_argument(
-        "--split-min-area",
-        type=float,
-        default=0.01,
-        help="pieces under this fraction of the image are not split off (default 0.01)",
-    )
-    group.add_argument(
-        "--names", default="", help='embedding names of the edited concepts in order, e.g. "dog, teapot, lamp"'
-    )
-
-
-def _train_options(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainSettings
-
-    d = TrainSettings()
-    group = parser.add_argument_group("token learning")
-    group.add_argument(
-        "--steps", type=_int_at_least(1), help=f"training steps (default {d.steps}; {DEMO_STEPS} with --demo)"
-    )
-    group.add_argument(
-        "--merge-step",
-        type=_int_at_least(0),
-        help=f"step at which split tokens merge (default {d.merge_step}, or a fifth of --steps when "
-        f"that is shorter; {DEMO_MERGE_STEP} with --demo)",
-    )
-    group.add_argument(
-        "--split-tokens",
-        type=int,
-        default=d.split_tokens,
-        help=f"tokens per concept before merging (default {d.split_tokens})",
-    )
-    group.add_argument(
-        "--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})"
-    )
-    group.add_argument(
-        "--contrastive-weight",
-        type=float,
-        default=d.contrastive_weight,
-        help=f"alpha (default {d.contrastive_weight:g})",
-    )
-    group.add_argument(
-        "--attention-weight",
-        type=float,
-        default=d.attention_weight,
-        help=f"beta, EMD alignment (default {d.attention_weight:g})",
-    )
-    group.add_argument(
-        "--emd",
-        choices=["sinkhorn", "exact"],
-        default=d.emd,
-        help="EMD solver (default: entropic Sinkhorn as the reference)",
-    )
-    group.add_argument(
-        "--update",
-        choices=["sequential", "reference", "averaged"],
-        default=d.update,
-        help="sequential (default): the reference's one AdamW update per prompt, gradients from one batched pass; "
-        "reference: the reference's loop, one pass per prompt (slow); averaged: one update per step (fewer updates)",
-    )
-    group.add_argument(
-        "--init",
-        choices=["random", "reference"],
-        default=d.init,
-        help="split-token initialisation: random at the vocabulary's scale (default) or the reference's fixed rows",
-    )
-    group.add_argument(
-        "--template", default=d.template, help=f'training prompt, {{}} marks the token (default "{d.template}")'
-    )
-    group.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed}, the official run's)")
-    group.add_argument("--no-flip", action="store_true", help="no random horizontal flips during training")
-    group.add_argument(
-        "--micro-batch", type=int, default=0, help="prompts per UNet call (default 0: as many as the memory allows)"
-    )
-    group.add_argument(
-        "--memory-budget",
-        type=float,
-        default=0.0,
-        metavar="GIB",
-        help="memory a training step may use on top of the models, for choosing the micro-batch "
-        "(default 0: 80%% of what the device has free)",
-    )
-    group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    group.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between resumable checkpoints"
-    )
-
-
-def _output_options(parser: argparse.ArgumentParser, folder: str) -> argparse._ArgumentGroup:
-    group = parser.add_argument_group("output")
-    group.add_argument("--out", default=folder, help=f"output folder (default: ./{folder})")
-    group.add_argument("--overwrite", action="store_true", help="replace existing files in the output folder")
-    return group
-
-
-def _export_options(parser: argparse.ArgumentParser) -> None:
-    group = _output_options(parser, "output")
-    group.add_argument(
-        "--prefix", default="concept", help="embedding names are PREFIX_1, PREFIX_2, ... (default: concept)"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "self-attention and the end-of-text attention map, with previews.",
     )
     capture.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
-    _output_options(capture, "output/capture")
-    _model_options(capture)
-    _capture_options(capture)
+    output_options(capture, "output/capture")
+    model_options(capture)
+    capture_options(capture)
     capture.set_defaults(run=run_capture)
 
     localize = sub.add_parser(
@@ -273,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument(
         "source", nargs="?", help="attention.safetensors from 'capture', or an image (captured first)"
     )
-    _output_options(localize, "output/localize")
-    _model_options(localize)
-    _capture_options(localize)
-    _localize_options(localize)
-    _steering_options(localize)
+    output_options(localize, "output/localize")
+    model_options(localize)
+    capture_options(localize)
+    localize_options(localize)
+    steering_options(localize)
     localize.set_defaults(run=run_localize)
 
     extract = sub.add_parser(
@@ -287,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export them as embeddings ComfyUI, A1111 and diffusers load.",
     )
     extract.add_argument("image", nargs="?", help="the image (PNG, JPEG, WebP, ...)")
-    _model_options(extract)
-    _capture_options(extract)
-    _localize_options(extract)
-    _steering_options(extract)
-    _train_options(extract)
-    _export_options(extract)
+    model_options(extract)
+    capture_options(extract)
+    localize_options(extract)
+    steering_options(extract)
+    train_options(extract)
+    export_options(extract)
     extract.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
     extract.set_defaults(run=run_extract)
 
@@ -305,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--concepts", required=True, help="a folder written by 'extract'")
     generate.add_argument("--prompt", required=True, help='e.g. "a photo of {1} on the beach"')
     generate.add_argument("--negative", default="", help="negative prompt")
-    generate.add_argument("--count", type=_int_at_least(1), default=4, help="images to render (default 4)")
+    generate.add_argument("--count", type=int_at_least(1), default=4, help="images to render (default 4)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    generate.add_argument("--sampling-steps", type=_int_at_least(1), default=50, help="DDIM steps (default 50)")
+    generate.add_argument("--sampling-steps", type=int_at_least(1), default=50, help="DDIM steps (default 50)")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     generate.add_argument("--out", help="output folder (default: CONCEPTS/images)")
-    _model_options(generate)
+    model_options(generate)
     generate.set_defaults(run=run_generate)
 
     from .cli_library import add_commands  # extract-many, evaluate
@@ -369,10 +164,10 @@ def _output_folder(out: Path, overwrite: bool, names: tuple[str, ...] = ()) -> P
 
 def _load_announced(args, model: str):
     backend = load_model(args, model)
-    _say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
-    _say(f"precision: {backend.precision.describe(backend.device)}")
+    say(f"model: {backend.info.name} ({backend.info.family}, {backend.info.prediction_type}) on {backend.device}")
+    say(f"precision: {backend.precision.describe(backend.device)}")
     if backend.info.name.startswith("tiny-"):
-        _say("note: tiny models have RANDOM weights; the pipeline runs end to end but the concepts mean nothing")
+        say("note: tiny models have RANDOM weights; the pipeline runs end to end but the concepts mean nothing")
     return backend
 
 
@@ -387,12 +182,12 @@ def run_capture(args) -> int:
     written = [maps.save(out / "attention.safetensors")]
     for name, picture in (("attention_rows.png", attention_rows_preview(maps)), ("eot.png", eot_preview(maps))):
         written.append(_save_png(picture, out / name))
-    _say(
+    say(
         f"captured {len(maps.info['self_layers'])} self-attention layers onto a {maps.grid[0]}x{maps.grid[1]} grid "
         f"and the end-of-text map at {maps.eot.shape[0]}x{maps.eot.shape[1]} in {time.perf_counter() - started:.1f} s"
     )
     for path in written:
-        _say(f"  wrote {path}")
+        say(f"  wrote {path}")
     return 0
 
 
@@ -516,54 +311,10 @@ def run_localize(args) -> int:
         maps = _capture(args, _load_announced(args, model), image)
     concepts = _localize(args, maps, given)
     written = [concepts.save(out / "concepts.safetensors"), _save_png(concepts.overlay(), out / "concepts.png")]
-    _say(f"found {len(concepts)} concept(s) on a {concepts.grid[0]}x{concepts.grid[1]} grid")
+    say(f"found {len(concepts)} concept(s) on a {concepts.grid[0]}x{concepts.grid[1]} grid")
     for path in written:
-        _say(f"  wrote {path}")
+        say(f"  wrote {path}")
     return 0
-
-
-def _schedule(args) -> tuple[int, int]:
-    """--steps / --merge-step, else the demo's short schedule with --demo, else the paper's (TrainSettings)."""
-    from .train import TrainSettings
-
-    demo = args.demo and args.steps is None
-    steps = DEMO_STEPS if demo else TrainSettings.steps if args.steps is None else args.steps
-    if args.merge_step is not None:
-        merge_step = args.merge_step
-    elif demo:
-        merge_step = DEMO_MERGE_STEP
-    else:  # the paper's step 100, or a fifth of a run too short to reach it (the paper's proportion)
-        merge_step = TrainSettings.merge_step if steps > TrainSettings.merge_step else steps // 5
-    if demo:
-        _say(f"demo schedule: {steps} steps, merge at {merge_step} (the paper's is 500, merge at 100: set --steps 500)")
-    return steps, merge_step
-
-
-def train_settings(args):
-    """The TrainSettings of the token-learning options (validated)."""
-    from .train import TrainSettings
-
-    steps, merge_step = _schedule(args)
-    settings = TrainSettings(
-        steps=steps,
-        merge_step=merge_step,
-        split_tokens=args.split_tokens,
-        learning_rate=args.lr,
-        contrastive_weight=args.contrastive_weight,
-        attention_weight=args.attention_weight,
-        emd=args.emd,
-        update=args.update,
-        init=args.init,
-        template=args.template,
-        seed=args.seed,
-        flip=not args.no_flip,
-        micro_batch=args.micro_batch,
-        memory_budget=args.memory_budget,
-        gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every,
-    )
-    settings.validate()
-    return settings
 
 
 def run_extract(args) -> int:
@@ -582,7 +333,7 @@ def run_extract(args) -> int:
     maps = _capture(args, backend, image)
     try:
         concepts = _localize(args, maps, given)
-        _say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
+        say(f"found {len(concepts)} concept(s) ({time.perf_counter() - started:.1f} s)")
         check_export_target(
             out, export_names([""] * len(concepts), prefix, chosen_names(concepts.info)), args.overwrite
         )
@@ -601,7 +352,7 @@ def run_extract(args) -> int:
         checkpoint.unlink()
     if args.resume:
         if not checkpoint.exists():
-            _say(f"nothing to resume in {out}: training starts at step 0")
+            say(f"nothing to resume in {out}: training starts at step 0")
         elif checkpoint_fingerprint(checkpoint) != run_fingerprint(backend.info, concepts, settings):
             raise ConceptExpressError(
                 f"the checkpoint in {out} belongs to a run with other settings, another image or another model "
@@ -618,23 +369,23 @@ def run_extract(args) -> int:
         out,
         prefix=prefix,
         overwrite=args.overwrite,
-        extra={"image": str(Path(image).resolve()), "model": _as_given_or_absolute(model)},
+        extra={"image": str(Path(image).resolve()), "model": as_given_or_absolute(model)},
     )
     for name, preview in previews.items():
         _save_png(preview(maps), out / name)
     if checkpoint.exists():
         checkpoint.unlink()
     final = tokens.history["loss"][-1] if tokens.history.get("loss") else float("nan")
-    _say(f"done in {time.perf_counter() - started:.1f} s: {len(result.names)} concept(s), final loss {final:.4f}")
+    say(f"done in {time.perf_counter() - started:.1f} s: {len(result.names)} concept(s), final loss {final:.4f}")
     for path in result.embeddings:
-        _say(f"  {path}")
-    _say(f"  {result.manifest} (+ masks, concepts.png, loss.png, attention_rows.png, eot.png)")
-    _say("use them:")
-    _say(
+        say(f"  {path}")
+    say(f"  {result.manifest} (+ masks, concepts.png, loss.png, attention_rows.png, eot.png)")
+    say("use them:")
+    say(
         f"  ComfyUI: copy {out}/*.safetensors into ComfyUI/models/embeddings/{prefix}/ and write "
         f"'embedding:{prefix}/{result.names[0]}' in a CLIP Text Encode prompt"
     )
-    _say(f'  here:    concept-express generate --concepts {out} --prompt "a photo of {{1}} on the beach"')
+    say(f'  here:    concept-express generate --concepts {out} --prompt "a photo of {{1}} on the beach"')
     return 0
 
 
@@ -663,7 +414,7 @@ def run_generate(args) -> int:
     )
     stem = "".join(c if c.isalnum() else "-" for c in args.prompt).strip("-")[:60] or "image"
     for k, picture in enumerate(images):
-        _say(f"  wrote {_save_png(picture, out / f'{stem}_{args.seed + k}.png')}")
+        say(f"  wrote {_save_png(picture, out / f'{stem}_{args.seed + k}.png')}")
     return 0
 
 
@@ -695,19 +446,10 @@ class _ProgressBar:
             print(file=sys.stderr, flush=True)
 
 
-def _as_given_or_absolute(model: str) -> str:
-    """A model path made absolute (so that 'generate' finds it from any folder); a model name as given."""
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
 def _save_png(picture, path: Path) -> Path:
     from .fileio import write_atomic
 
     return write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

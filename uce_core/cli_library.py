@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli
+from . import cli_options
 from .errors import ConceptExpressError
 
 
@@ -37,31 +37,37 @@ def add_commands(sub) -> None:
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
-    cli._model_options(parser)
-    cli._capture_options(parser)
-    cli._localize_options(parser)
-    cli._train_options(parser)
+    cli_options.model_options(parser)
+    cli_options.capture_options(parser)
+    cli_options.localize_options(parser)
+    cli_options.train_options(parser)
     group = parser.add_argument_group("library")
     group.add_argument(
         "--prefix", default="concept", help="embedding names PREFIX_1, ... in each set (default concept)"
     )
     group.add_argument("--preview", action="store_true", help="render one sample per concept into the gallery")
-    group.add_argument("--preview-steps", type=cli._int_at_least(1), default=25, help="DDIM steps of a sample (25)")
+    group.add_argument(
+        "--preview-steps", type=cli_options.int_at_least(1), default=25, help="DDIM steps of a sample (25)"
+    )
     group.add_argument("--retry-failed", action="store_true", help="do failed images again (default: keep them)")
     engine = parser.add_argument_group("engine (default: this process, one image after another)")
     engine.add_argument("--ray", action="store_true", help='a local Ray instance (pip install -e ".[ray]")')
     engine.add_argument("--ray-address", metavar="HOST:PORT", help="an existing Ray cluster (ray start --head)")
     engine.add_argument(
-        "--workers", type=cli._int_at_least(1), help="--ray: images at a time on the local instance (default: cores)"
+        "--workers",
+        type=cli_options.int_at_least(1),
+        help="--ray: images at a time on the local instance (default: cores)",
     )
     engine.add_argument("--cpus-per-task", type=float, default=1, help="Ray: CPUs each image reserves (default 1)")
     engine.add_argument(
         "--gpus-per-task", type=float, help="Ray: GPUs each image reserves (default 1 on a cluster with GPUs, else 0)"
     )
-    engine.add_argument("--max-retries", type=cli._int_at_least(0), default=3, help="Ray: retries of a lost task (3)")
+    engine.add_argument(
+        "--max-retries", type=cli_options.int_at_least(0), default=3, help="Ray: retries of a lost task (3)"
+    )
     engine.add_argument(
         "--threads",
-        type=cli._int_at_least(1),
+        type=cli_options.int_at_least(1),
         help="torch threads per image (default: torch's here, --cpus-per-task on Ray)",
     )
 
@@ -72,12 +78,12 @@ def build_job(args):
     from .batch import ExtractJob
     from .export import sanitize_name
 
-    model = args.model or (cli.DEMO_MODEL if args.demo else None)
+    model = args.model or (cli_options.DEMO_MODEL if args.demo else None)
     if model is None:
         raise ConceptExpressError("give --model (a checkpoint, a diffusers folder, or tiny-sd1), or --demo")
-    settings = cli.train_settings(args)
+    settings = cli_options.train_settings(args)
     return ExtractJob(
-        model=cli._as_given_or_absolute(model),
+        model=cli_options.as_given_or_absolute(model),
         dtype=args.dtype,
         prediction_type=args.prediction_type,
         tokenizer=args.tokenizer,
@@ -127,16 +133,16 @@ def _extract(args, source, library) -> int:
         )
         return 130
     root = Path(library)
-    cli._say(
+    cli_options.say(
         f"{report.done} done, {report.failed} failed, {report.crashed} crashed, {report.skipped} already finished "
         f"({report.seconds:.1f} s)"
     )
     for image, error in report.errors:
-        cli._say(f"  {Path(image).name}: {error}")
+        cli_options.say(f"  {Path(image).name}: {error}")
     if (root / INDEX).exists():
-        cli._say(f"library: {root / INDEX}\ngallery: {root / 'index.html'}")
+        cli_options.say(f"library: {root / INDEX}\ngallery: {root / 'index.html'}")
     if report.crashed:
-        cli._say(f"{report.crashed} image(s) crashed: run the same command again to do them again")
+        cli_options.say(f"{report.crashed} image(s) crashed: run the same command again to do them again")
         return 1
     return 0
 
@@ -156,11 +162,11 @@ def run_evaluate(args) -> int:
             return code
     scores = score_library(args.library, args.truth)
     for image, why in scores.missing:
-        cli._say(f"not scored: {Path(image).name} ({why})")
+        cli_options.say(f"not scored: {Path(image).name} ({why})")
     if not scores.per_image:
         raise ConceptExpressError(
             f"none of the {len(truth)} image(s) of {args.truth} is in {args.library}; extract them first "
             "(extract-many, or evaluate with --model)."
         )
-    cli._say(format_scores(scores))
+    cli_options.say(format_scores(scores))
     return code

@@ -502,7 +502,7 @@ MUTANTS = [
     dict(
         id="cli-contrastive-weight-flag-dropped",
         kind="setting",
-        file="uce_core/cli.py",
+        file="uce_core/cli_options.py",
         original="        contrastive_weight=args.contrastive_weight,\n",
         replacement="",
         tests=["tests/test_cli_settings.py::test_every_training_flag_reaches_its_setting"],
