@@ -31,9 +31,7 @@ import tempfile
 import time
 
 import numpy as np
-
-UNIFORM_MIX = 1e-3
-TIE_RTOL = 1e-4  # rows whose float64 best and second-best distances are this close count as near ties
+from kernel_inputs import TIE_RTOL, UNIFORM_MIX
 
 
 # ------------------------------------------------------------------------------------------------------------ input

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_capture import Meter, load  # noqa: E402  (peak-memory meter and model loading of the capture benchmark)
-from bench_kernels import TIE_RTOL, UNIFORM_MIX  # noqa: E402  (the kernel benchmark's input recipe and tie rule)
+from kernel_inputs import TIE_RTOL, UNIFORM_MIX  # noqa: E402  (the kernel benchmarks' input recipe and tie rule)
 
 EXAMPLE = ROOT / "assets" / "example.png"
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "pot", "safetensors", "numpy", "concept-express")
