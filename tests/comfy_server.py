@@ -36,6 +36,17 @@ def comfyui_path() -> Path | None:
     return Path(value) if value else None
 
 
+def comfyui_marks(*extra) -> list:
+    """A module's pytestmark when its tests run against a real ComfyUI: the comfyui mark, ``extra`` marks, and the
+    skip without COMFYUI_PATH (counted as a failure in CI: CONCEPT_EXPRESS_REQUIRE_ALL)."""
+    import pytest
+
+    needs = pytest.mark.skipif(
+        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
+    )
+    return [pytest.mark.comfyui, *extra, needs]
+
+
 def checkpoint_cache() -> Path:
     """Where the random-weight test checkpoints are kept between runs (outside the repository)."""
     value = os.environ.get("CONCEPT_EXPRESS_TEST_CACHE")

@@ -21,17 +21,11 @@ from comfy_checks import (
     run_logged,
     shipped,
 )
-from comfy_server import CHECKPOINTS, PACK_NAME, artifacts_dir, comfyui_path, ensure_instruct_pix2pix_unet
+from comfy_server import CHECKPOINTS, PACK_NAME, artifacts_dir, comfyui_marks, ensure_instruct_pix2pix_unet
 
 from concept_express.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
-    ),
-]
+pytestmark = comfyui_marks(pytest.mark.slow)
 
 CHECKPOINT = CHECKPOINTS["sd15"]
 PREFIX = "concept"  # the template's name_prefix, as shipped

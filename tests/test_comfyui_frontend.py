@@ -14,15 +14,9 @@ import shutil
 
 import comfy_workflows as cw
 import pytest
-from comfy_server import PACK_NAME, artifacts_dir, comfyui_path, ensure_checkpoint
+from comfy_server import PACK_NAME, artifacts_dir, comfyui_marks, ensure_checkpoint
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
-    ),
-]
+pytestmark = comfyui_marks(pytest.mark.slow)
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -9,15 +9,9 @@ import comfy_workflows as cw
 import numpy as np
 import pytest
 from comfy_checks import FIRST_RUN, assert_clear_error, describe, embedding_files, run_logged, shipped
-from comfy_server import CHECKPOINTS, artifacts_dir, comfyui_path
+from comfy_server import CHECKPOINTS, artifacts_dir, comfyui_marks
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
-    ),
-]
+pytestmark = comfyui_marks(pytest.mark.slow)
 
 CHECKPOINT = CHECKPOINTS["sd15"]
 BOX = (128, 256, 64, 192)  # painted pixels y0, y1, x0, x1 of a 512 x 512 picture: latent cells 16..31 x 8..23

@@ -10,15 +10,9 @@ settings keep it to a 256 px capture, at most two concepts and one split token."
 import comfy_workflows as cw
 import pytest
 from comfy_checks import assert_clear_error, assert_embeddings_found, describe, png_size, run_logged, shipped
-from comfy_server import CHECKPOINTS, comfyui_path
+from comfy_server import CHECKPOINTS, comfyui_marks
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; run pytest with ComfyUI's Python)"
-    ),
-]
+pytestmark = comfyui_marks(pytest.mark.slow)
 
 SDXL, SD15 = CHECKPOINTS["sdxl"], CHECKPOINTS["sd15"]
 PREFIX = "cx_sdxl"

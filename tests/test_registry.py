@@ -12,18 +12,16 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from comfy_server import PACK_NAME, comfyui_path
+from comfy_server import PACK_NAME, comfyui_marks, comfyui_path
 
 from concept_express.nodes import NODE_CLASS_MAPPINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFY_CLI = os.environ.get("COMFY_CLI") or shutil.which("comfy")
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_path() is None, reason="needs COMFYUI_PATH (a ComfyUI tree; ComfyUI's Python)"),
-    pytest.mark.skipif(COMFY_CLI is None, reason="needs comfy-cli (pip install comfy-cli; or COMFY_CLI=path/to/comfy)"),
-]
+pytestmark = comfyui_marks(
+    pytest.mark.skipif(COMFY_CLI is None, reason="needs comfy-cli (pip install comfy-cli; or COMFY_CLI=path/to/comfy)")
+)
 
 # Loads the unpacked package the way ComfyUI's server does (nodes.load_custom_node), with the installed
 # `concept_express` made unimportable so nothing can come from outside the package.
