@@ -1,0 +1,65 @@
+"""The world recipe's resume rules, without training anything: a run folder refuses other settings, except a changed
+time budget, and the learning rate's schedule (warm-up, then cosine to a tenth over the steps or the time, whichever
+runs out first) against its formula."""
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+
+from concept_express.uce_core.world import recipe
+
+
+class Started(Exception):
+    """Raised instead of rendering data: the run got past its settings check."""
+
+
+@pytest.fixture
+def no_stages(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(recipe, "stage_data", refuse)
+
+
+def saved_run(tmp_path, **changes):
+    settings = recipe.RecipeSettings(scenes=64, **changes)
+    (tmp_path / "settings.json").write_text(json.dumps(asdict(settings)))
+    return settings
+
+
+def test_resume_refuses_other_settings(tmp_path, no_stages):
+    saved_run(tmp_path)
+    with pytest.raises(SystemExit, match="only --budget-hours may change"):
+        recipe.run(tmp_path, recipe.RecipeSettings(scenes=64, unet_steps=10), 1, [], resume=True)
+    assert json.loads((tmp_path / "settings.json").read_text())["unet_steps"] == recipe.RecipeSettings().unet_steps
+
+
+def test_a_run_folder_needs_resume(tmp_path, no_stages):
+    saved_run(tmp_path)
+    with pytest.raises(SystemExit, match="--resume"):
+        recipe.run(tmp_path, recipe.RecipeSettings(scenes=64), 1, [], resume=False)
+
+
+def test_resume_may_change_the_budget(tmp_path, no_stages):
+    saved_run(tmp_path, budget_hours=1.0)
+    with pytest.raises(Started):
+        recipe.run(tmp_path, recipe.RecipeSettings(scenes=64, budget_hours=3.0), 1, [], resume=True)
+    assert json.loads((tmp_path / "settings.json").read_text())["budget_hours"] == 3.0  # the record says which
+
+
+@pytest.mark.parametrize(
+    ("step", "time_progress", "expected"),
+    [
+        (0, 0.0, 1e-3 / 100),  # warm-up: (step + 1) / warmup of the peak
+        (49, 0.0, 1e-3 / 2),
+        (100, 0.0, 1e-3),  # the end of the warm-up: the peak
+        (550, 0.0, 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))),  # half-way through the steps
+        (100, 0.5, 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))),  # half-way through the time
+        (1000, 0.0, 1e-4),  # the end: a tenth
+        (200, 2.0, 1e-4),  # past the time budget: stays at a tenth
+    ],
+)
+def test_learning_rate_schedule(step, time_progress, expected):
+    assert recipe._lr(step, 1000, 1e-3, 100, time_progress) == pytest.approx(expected, rel=1e-12)
