@@ -13,7 +13,7 @@ that has learned something? A measurement script, not a test; results in benchma
    (shape, colour) it sees most; ACC^1 = share of renders whose judged class is the class of the object the concept
    was matched to (a concept matched to no object counts as wrong). Beside it: the same with tokens trained on the
    ground-truth masks (the upper bound localization can reach), random token vectors (an empirical chance), and
-   1 / 30 (uniform chance).
+   1 / 30 (uniform chance); and each of these for the shape alone (chance 1 / 5) and the colour alone (1 / 6).
 
     python benchmarks/bench_world.py                                   # everything (about 2 h on 2 CPU cores)
     python benchmarks/bench_world.py --token-scenes 0                  # localization and EOT only (minutes)
@@ -50,7 +50,7 @@ from concept_express.uce_core.world.evaluation import (
 )
 from concept_express.uce_core.world.judge import CLASSES, judge_labels, load_judge
 from concept_express.uce_core.world.model import random_world_pipeline
-from concept_express.uce_core.world.scenes import SPLITS, render_scene
+from concept_express.uce_core.world.scenes import COLOURS, SHAPES, SPLITS, render_scene
 
 
 def object_ious(predicted: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
@@ -126,59 +126,78 @@ def truth_concepts(maps, truth: torch.Tensor) -> Concepts:
                     maps.image, {"source": "ground truth"})  # fmt: skip
 
 
-def judged_correct(backend, tokens, wanted: list, judge, renders: int, seed: int) -> list[int]:
-    """Per concept, how many of its renders the judge names as ``wanted[i]`` (None: never correct)."""
-    correct = []
-    for i, label in enumerate(wanted):
+def judged(backend, tokens, count: int, judge, renders: int, seed: int) -> list[list[tuple[str, str]]]:
+    """Per concept 1..count, the judge's (shape, colour) for each of its ``renders`` renders of "a photo of {i}"."""
+    out = []
+    for i in range(count):
         images = generate_images(backend, tokens, f"a photo of {{{i + 1}}}", seed=seed, count=renders)
-        names = judge_labels(judge, np.stack([np.asarray(im.convert("RGB")) for im in images]))
-        correct.append(sum(n == label for n in names) if label is not None else 0)
-    return correct
+        out.append(judge_labels(judge, np.stack([np.asarray(im.convert("RGB")) for im in images])))
+    return out
+
+
+def tally(names: list[list[tuple[str, str]]], wanted: list) -> np.ndarray:
+    """Renders whose judged (shape, colour) / shape / colour is the wanted object's (None: never right)."""
+    counts = np.zeros(3, dtype=int)
+    for seen, label in zip(names, wanted):
+        if label is not None:
+            counts += [sum(n == label for n in seen), sum(n[0] == label[0] for n in seen),
+                       sum(n[1] == label[1] for n in seen)]  # fmt: skip
+    return counts
 
 
 def token_learning(backend, scenes: list, settings: TrainSettings, renders: int, log) -> dict:
+    """ACC^1 (shape and colour right) and, beside it, the shape alone and the colour alone, for tokens learned on
+    the found concepts, on the ground-truth masks, and for random vectors of the found tokens' norms."""
     judge = load_judge()
-    found, truth_total, found_total, chance = [], 0, 0, []
-    truth_correct = 0
-    matched_concepts = 0
+    found, truth, chance = np.zeros(3, dtype=int), np.zeros(3, dtype=int), np.zeros(3, dtype=int)
+    found_total = truth_total = matched_concepts = 0
     for number, scene in enumerate(scenes, 1):
         start = time.perf_counter()
         maps = capture_attention(backend, scene.image)
-        truth = truth_on_grid(scene, maps.grid)
+        ground = truth_on_grid(scene, maps.grid)
         labels = [o.label for o in scene.objects]
         concepts = localize_or_nothing(maps)
         if concepts is not None and len(concepts):
-            ious = iou_matrix(concepts.masks, truth)
+            ious = iou_matrix(concepts.masks, ground)
             rows, cols = linear_sum_assignment(ious, maximize=True)
             wanted = [None] * len(concepts)
             for r, c in zip(rows, cols):
                 if ious[r, c] > 0:
                     wanted[r] = labels[c]
             tokens = train_concept_tokens(backend, concepts, settings)
-            hits = judged_correct(backend, tokens, wanted, judge, renders, seed=scene.seed)
-            found.append(sum(hits))
+            found += tally(judged(backend, tokens, len(concepts), judge, renders, scene.seed), wanted)
             found_total += renders * len(concepts)
             matched_concepts += sum(w is not None for w in wanted)
             # empirical chance: the learned vectors' norms, random directions
             generator = torch.Generator().manual_seed(scene.seed)
             tokens.vectors = [torch.randn(v.shape, generator=generator) * v.norm(dim=1, keepdim=True) / v.shape[1] ** 0.5
                               for v in tokens.vectors]  # fmt: skip
-            chance.append(sum(judged_correct(backend, tokens, wanted, judge, renders, seed=scene.seed)))
-        gt_tokens = train_concept_tokens(backend, truth_concepts(maps, truth), settings)
-        truth_correct += sum(judged_correct(backend, gt_tokens, labels, judge, renders, seed=scene.seed))
+            chance += tally(judged(backend, tokens, len(concepts), judge, renders, scene.seed), wanted)
+        gt_tokens = train_concept_tokens(backend, truth_concepts(maps, ground), settings)
+        truth += tally(judged(backend, gt_tokens, len(labels), judge, renders, scene.seed), labels)
         truth_total += renders * len(labels)
         log(f"  token scene {number}/{len(scenes)} (seed {scene.seed}, {len(labels)} objects, "
             f"{0 if concepts is None else len(concepts)} concepts): {time.perf_counter() - start:.0f} s")  # fmt: skip
+    rate = lambda counts, total: [float(c) / max(1, total) for c in counts]  # noqa: E731
+    found_rate, truth_rate, chance_rate = rate(found, found_total), rate(truth, truth_total), rate(chance, found_total)
     return {
         "scenes": len(scenes),
         "steps": settings.steps,
         "renders_per_concept": renders,
-        "acc1_found_concepts": sum(found) / max(1, found_total),
+        "acc1_found_concepts": found_rate[0],
         "concepts_found": found_total // max(1, renders),
         "concepts_matched_to_an_object": matched_concepts,
-        "acc1_ground_truth_masks": truth_correct / max(1, truth_total),
-        "acc1_random_vectors": sum(chance) / max(1, found_total),
+        "acc1_ground_truth_masks": truth_rate[0],
+        "acc1_random_vectors": chance_rate[0],
         "acc1_uniform_chance": 1 / len(CLASSES),
+        "shape_found_concepts": found_rate[1],
+        "shape_ground_truth_masks": truth_rate[1],
+        "shape_random_vectors": chance_rate[1],
+        "shape_uniform_chance": 1 / len(SHAPES),
+        "colour_found_concepts": found_rate[2],
+        "colour_ground_truth_masks": truth_rate[2],
+        "colour_random_vectors": chance_rate[2],
+        "colour_uniform_chance": 1 / len(COLOURS),
     }
 
 
@@ -229,6 +248,10 @@ def main() -> None:
               f"{t['concepts_matched_to_an_object']} matched to an object); ground-truth masks "
               f"{t['acc1_ground_truth_masks']:.3f}; random vectors {t['acc1_random_vectors']:.3f}; "
               f"uniform chance {t['acc1_uniform_chance']:.3f}")  # fmt: skip
+        for part in ("shape", "colour"):
+            print(f"the {part} alone: found concepts {t[part + '_found_concepts']:.3f}; ground-truth masks "
+                  f"{t[part + '_ground_truth_masks']:.3f}; random vectors {t[part + '_random_vectors']:.3f}; "
+                  f"uniform chance {t[part + '_uniform_chance']:.3f}")  # fmt: skip
     result["seconds"] = round(time.perf_counter() - started)
     print(f"\n{result['seconds']} s")
     if args.json:
