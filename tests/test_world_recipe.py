@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from concept_express.uce_core.world import recipe
 
@@ -63,3 +64,36 @@ def test_resume_may_change_the_budget(tmp_path, no_stages):
 )
 def test_learning_rate_schedule(step, time_progress, expected):
     assert recipe._lr(step, 1000, 1e-3, 100, time_progress) == pytest.approx(expected, rel=1e-12)
+
+
+def test_eot_focus_loss_against_its_formula():
+    from concept_express.uce_core.world.eot_focus import eot_focus_loss
+
+    columns = torch.tensor([[1.0, 3.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0], [5.0, 1.0, 1.0, 1.0]])
+    foreground = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    # sample 1: (1 + 0.5 * 3) / 8 on the objects; sample 2 has none (left out); sample 3: 2 / 8
+    expected = -(math.log(2.5 / 8) + math.log(2 / 8)) / 2
+    assert float(eot_focus_loss(columns, foreground)) == pytest.approx(expected, rel=1e-6)
+    attention = columns.clone().requires_grad_(True)
+    eot_focus_loss(attention, foreground).backward()
+    assert float(attention.grad[0, 0]) < 0 < float(attention.grad[0, 3])  # more on the objects, less elsewhere
+    assert float(attention.grad[1].abs().sum()) == 0.0
+
+
+def test_eot_recorder_is_diffusers_attention():
+    """The stage's recorder computes what diffusers' own processor does, and keeps the head-mean probabilities."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from concept_express.uce_core.world.eot_focus import EotRecorder
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=4, dim_head=4)
+    x, context = torch.randn(2, 9, 16), torch.randn(2, 5, 8)
+    store = []
+    ours = EotRecorder(store)(attn, x, context)
+    theirs = AttnProcessor()(attn, x, context)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    q = attn.to_q(x).view(2, 9, 4, 4).transpose(1, 2).double()
+    k = attn.to_k(context).view(2, 5, 4, 4).transpose(1, 2).double()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1).mean(dim=1)  # scale 1 / sqrt(dim_head)
+    assert torch.allclose(store[0].double(), probs, atol=1e-6)

@@ -16,7 +16,10 @@ Stages, each checkpointed in ``OUT/`` so that ``--resume`` continues where the r
    by ``scenes.compose_caption``: about 10 % empty), epsilon prediction, min-SNR-5 loss weights, random horizontal
    flips, AdamW with warm-up and a cosine decay over the step count or the time budget, an exponential moving
    average of the UNet;
-6. ``export``: the EMA weights in float16 as a diffusers folder in ``OUT/model`` and ``OUT/model/record.json``
+6. ``eot``: a short fine-tuning of the EMA UNet that puts the end-of-text cross-attention on the objects
+   (``eot_focus``: on this small model that focus fades as the UNet trains, and the method's background filter
+   needs it), then one more probe;
+7. ``export``: the EMA weights in float16 as a diffusers folder in ``OUT/model`` and ``OUT/model/record.json``
    (command, settings, steps, loss curves, probes, wall time, machine).
 
 Every ``--probe-every`` UNet steps the EMA model is measured on validation scenes with the project's own capture and
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .eot_focus import stage_eot
 from .scenes import SIZE, SPLITS, compose_caption, render_scene
 
 
@@ -68,6 +72,11 @@ class RecipeSettings:
     probe_every: int = 500
     probe_scenes: int = 24
     checkpoint_every: int = 200
+    eot_steps: int = 300  # the EOT-focus stage (eot_focus.py); 0 skips it
+    eot_weight: float = 0.1
+    eot_lr: float = 1e-4
+    eot_batch: int = 32
+    eot_scenes: int = 2_000
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -495,8 +504,9 @@ def run(out: Path, settings: RecipeSettings, threads: int, argv: list[str], resu
     if settings_file.is_file():
         if not resume:
             raise SystemExit(f"{out} holds a run already; add --resume to continue it, or choose another --out.")
-        saved = json.loads(settings_file.read_text())
-        if {**saved, "budget_hours": settings.budget_hours} != asdict(settings):  # only the budget may change
+        # a run folder from before a setting existed has that setting's default; only the budget may change
+        saved = {**asdict(RecipeSettings()), **json.loads(settings_file.read_text())}
+        if {**saved, "budget_hours": settings.budget_hours} != asdict(settings):
             raise SystemExit(f"{out} was started with other settings ({saved}); continue it with those settings "
                              "(only --budget-hours may change when resuming).")  # fmt: skip
     settings_file.write_text(json.dumps(asdict(settings), indent=1))
@@ -526,6 +536,12 @@ def run(out: Path, settings: RecipeSettings, threads: int, argv: list[str], resu
     probe = make_probe(parts, settings.probe_scenes)
     stage_unet(out, settings, parts, latents, tqdm, deadline, record, probe, finish)
     save_clock()
+    taught = stage_eot(out, settings, parts, latents, tqdm, _save, _load)
+    if taught is not None:
+        record["eot"] = {**taught, "weight": settings.eot_weight, "learning_rate": settings.eot_lr,
+                         "denoise": _curve(taught["denoise"]), "focus": _curve(taught["focus"]),
+                         "probe": {"step": taught["steps"], **probe(parts["unet"], parts["text_encoder"])}}  # fmt: skip
+        save_clock()
     record.update(
         # the run folder by its name only: a record in the repository names no machine's paths
         command="python -m concept_express.uce_core.world.recipe "
