@@ -24,8 +24,8 @@ Stages, each checkpointed in ``OUT/`` so that ``--resume`` continues where the r
 
 Every ``--probe-every`` UNet steps the EMA model is measured on validation scenes with the project's own capture and
 localization (``evaluation``): localization IoU / recall / precision and the end-of-text map's foreground ratio.
-When the time budget runs out the UNet stage stops early and the run exports what it has (the record says so);
-``--resume --finish`` does the same at the last checkpoint, by hand. ``--resume`` may change ``--budget-hours`` (and
+When the time budget runs out the UNet stage stops early and the run goes on with what it has (the EOT stage, then
+the export; the record says so); ``--resume --finish`` does the same at the last checkpoint, by hand. ``--resume`` may change ``--budget-hours`` (and
 nothing else): the UNet stage then gets the seconds it has run plus what the new budget leaves, and its cosine decay
 stretches to the new end.
 """
