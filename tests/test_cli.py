@@ -165,7 +165,10 @@ def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
 
     out = tmp_path / "stopped"
     command = [sys.executable, "-m", "concept_express.uce_core.cli", *run, "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: SIGINT not ignored (a shell without job control starts background jobs with it ignored,
+    # and the child would inherit that)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 240
     while not (out / cli.CHECKPOINT).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

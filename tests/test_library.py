@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,12 @@ def test_ctrl_c_keeps_finished_images_and_the_next_run_resumes(local_library, tm
     lib = tmp_path / "lib"
     marker = tmp_path / "interrupted"
     monkeypatch.setenv("CONCEPT_EXPRESS_TEST_CRASH", f"int:b_discs:1:{marker}")  # SIGINT inside b_discs' training
-    code, _, err = run_main("extract-many", inputs, "--out", lib, *SETTINGS)
+    # Ctrl-C as in a terminal, even where pytest runs as a background job with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, _, err = run_main("extract-many", inputs, "--out", lib, *SETTINGS)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert marker.exists() and code == 130, err
     assert "finished images are kept" in err and "Traceback" not in err
     monkeypatch.delenv("CONCEPT_EXPRESS_TEST_CRASH")

@@ -22,6 +22,7 @@ def no_stages(monkeypatch):
         raise Started
 
     monkeypatch.setattr(recipe, "stage_data", refuse)
+    monkeypatch.setattr(recipe.torch, "set_num_threads", lambda n: None)  # the run's threads, not the test process's
 
 
 def saved_run(tmp_path, **changes):
