@@ -1,6 +1,7 @@
-"""The world recipe's resume rules, without training anything: a run folder refuses other settings, except a changed
-time budget, and the learning rate's schedule (warm-up, then cosine to a tenth over the steps or the time, whichever
-runs out first) against its formula."""
+"""The world recipe without training anything: its resume rules (a run folder refuses other settings, except a
+changed time budget), the learning rate's schedule (warm-up, then cosine to a tenth over the steps or the time,
+whichever runs out first) and the attention-focus stage's two losses against their formulas, its recorder against
+diffusers' own attention, and its region maps against the scenes' masks."""
 
 import json
 import math
@@ -68,7 +69,7 @@ def test_learning_rate_schedule(step, time_progress, expected):
 
 
 def test_eot_focus_loss_against_its_formula():
-    from concept_express.uce_core.world.eot_focus import eot_focus_loss
+    from concept_express.uce_core.world.attention_focus import eot_focus_loss
 
     columns = torch.tensor([[1.0, 3.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0], [5.0, 1.0, 1.0, 1.0]])
     foreground = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
@@ -81,20 +82,69 @@ def test_eot_focus_loss_against_its_formula():
     assert float(attention.grad[1].abs().sum()) == 0.0
 
 
-def test_eot_recorder_is_diffusers_attention():
+def test_group_loss_against_its_formula():
+    """-log(share of each pure cell's row on its own region), averaged over the pure cells, by plain loops."""
+    from concept_express.uce_core.world.attention_focus import PURE, group_loss
+
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.rand(2, 6, 6, generator=gen, dtype=torch.float64) ** 3
+    rows /= rows.sum(dim=-1, keepdim=True)
+    regions = torch.zeros(2, 3, 6, dtype=torch.float64)  # background, object 1, object 2 over six cells
+    regions[0, 0] = torch.tensor([1.0, 1.0, 0.45, 0.0, 0.0, 0.3])
+    regions[0, 1] = torch.tensor([0.0, 0.0, 0.35, 1.0, 0.0, 0.0])
+    regions[0, 2] = torch.tensor([0.0, 0.0, 0.2, 0.0, 1.0, 0.7])
+    regions[1, 0] = torch.tensor([1.0, 0.4, 1.0, 1.0, 1.0, 1.0])
+    regions[1, 1] = torch.tensor([0.0, 0.6, 0.0, 0.0, 0.0, 0.0])
+    terms = []
+    for b in range(2):
+        for i in range(6):
+            own = max(range(3), key=lambda r: float(regions[b, r, i]))
+            if regions[b, own, i] >= PURE:
+                terms.append(-math.log(sum(float(rows[b, i, j] * regions[b, own, j]) for j in range(6))))
+    assert len(terms) == 11  # no region covers half of cell (0, 2): left out
+    assert float(group_loss(rows, regions)) == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+    attention = rows.clone().requires_grad_(True)
+    group_loss(attention, regions).backward()
+    assert float(attention.grad[0, 3, 3]) < 0 == float(attention.grad[0, 3, 0])  # object 1's cell: more on itself
+
+
+def test_focus_recorder_is_diffusers_attention():
     """The stage's recorder computes what diffusers' own processor does, and keeps the head-mean probabilities."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
-    from concept_express.uce_core.world.eot_focus import EotRecorder
+    from concept_express.uce_core.world.attention_focus import FocusRecorder
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, cross_attention_dim=8, heads=4, dim_head=4)
     x, context = torch.randn(2, 9, 16), torch.randn(2, 5, 8)
     store = []
-    ours = EotRecorder(store)(attn, x, context)
+    ours = FocusRecorder(store, "cross")(attn, x, context)
     theirs = AttnProcessor()(attn, x, context)
     assert torch.allclose(ours, theirs, atol=1e-6)
     q = attn.to_q(x).view(2, 9, 4, 4).transpose(1, 2).double()
     k = attn.to_k(context).view(2, 5, 4, 4).transpose(1, 2).double()
     probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1).mean(dim=1)  # scale 1 / sqrt(dim_head)
-    assert torch.allclose(store[0].double(), probs, atol=1e-6)
+    assert store[0][0] == "cross" and torch.allclose(store[0][1].double(), probs, atol=1e-6)
+    ours = FocusRecorder(store, "self")(attn := Attention(query_dim=16, heads=4, dim_head=4), x)  # self-attention
+    assert torch.allclose(ours, AttnProcessor()(attn, x), atol=1e-6)
+    q = attn.to_q(x).view(2, 9, 4, 4).transpose(1, 2).double()
+    k = attn.to_k(x).view(2, 9, 4, 4).transpose(1, 2).double()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1).mean(dim=1)
+    assert store[1][0] == "self" and torch.allclose(store[1][1].double(), probs, atol=1e-6)
+
+
+def test_regions_on_grid_are_the_scene_masks_at_pixel_cells_and_cover_each_cell_once():
+    from concept_express.uce_core.world.attention_focus import regions_on_grid
+    from concept_express.uce_core.world.scenes import SIZE, SPLITS, render_scene
+
+    seeds = [SPLITS["train"][i] for i in range(3)]
+    pixels = regions_on_grid(seeds, SIZE)
+    for i, seed in enumerate(seeds):
+        masks = torch.from_numpy(render_scene(seed).masks).flatten(1).float()
+        assert torch.equal(pixels[i, 1 : 1 + len(masks)], masks)  # one pixel per cell: the masks themselves
+        assert torch.equal(pixels[i, 0], 1.0 - masks.amax(dim=0))
+        assert float(pixels[i, 1 + len(masks) :].abs().sum()) == 0.0
+    coarse = regions_on_grid(seeds, 8).double()
+    assert torch.allclose(coarse.sum(dim=1), torch.ones(3, 64, dtype=torch.float64), atol=1e-6)
+    block = pixels.double().view(3, 6, 8, SIZE // 8, 8, SIZE // 8).mean(dim=(3, 5)).flatten(2)
+    assert torch.allclose(coarse, block, atol=1e-6)

@@ -16,17 +16,18 @@ Stages, each checkpointed in ``OUT/`` so that ``--resume`` continues where the r
    by ``scenes.compose_caption``: about 10 % empty), epsilon prediction, min-SNR-5 loss weights, random horizontal
    flips, AdamW with warm-up and a cosine decay over the step count or the time budget, an exponential moving
    average of the UNet;
-6. ``eot``: a short fine-tuning of the EMA UNet that puts the end-of-text cross-attention on the objects
-   (``eot_focus``: on this small model that focus fades as the UNet trains, and the method's background filter
-   needs it), then one more probe;
+6. ``focus``: a short fine-tuning of the EMA UNet that teaches the two attention properties the method reads from
+   a real Stable Diffusion model (``attention_focus``): end-of-text cross-attention on the objects (on this small
+   model it fades as the UNet trains) and self-attention rows that stay on their own object (here they group
+   mostly by colour); then one more probe;
 7. ``export``: the EMA weights in float16 as a diffusers folder in ``OUT/model`` and ``OUT/model/record.json``
    (command, settings, steps, loss curves, probes, wall time, machine).
 
 Every ``--probe-every`` UNet steps the EMA model is measured on validation scenes with the project's own capture and
 localization (``evaluation``): localization IoU / recall / precision and the end-of-text map's foreground ratio.
-When the time budget runs out the UNet stage stops early and the run goes on with what it has (the EOT stage, then
-the export; the record says so); ``--resume --finish`` does the same at the last checkpoint, by hand. ``--resume`` may change ``--budget-hours`` (and
-nothing else): the UNet stage then gets the seconds it has run plus what the new budget leaves, and its cosine decay
+When the time budget runs out the UNet stage stops early and the run goes on with what it has (the focus stage,
+then the export; the record says so); ``--resume --finish`` does the same at the last checkpoint, by hand.
+``--resume`` may change ``--budget-hours`` (and nothing else): the UNet stage then gets the seconds it has run plus what the new budget leaves, and its cosine decay
 stretches to the new end.
 """
 
@@ -48,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .eot_focus import stage_eot
+from .attention_focus import stage_focus
+from .checkpoints import load, restore, save, snapshot
 from .scenes import SIZE, SPLITS, compose_caption, render_scene
 
 
@@ -72,8 +74,9 @@ class RecipeSettings:
     probe_every: int = 500
     probe_scenes: int = 24
     checkpoint_every: int = 200
-    eot_steps: int = 300  # the EOT-focus stage (eot_focus.py); 0 skips it
+    eot_steps: int = 900  # the attention-focus stage (attention_focus.py); 0 skips it
     eot_weight: float = 0.1
+    group_weight: float = 0.2
     eot_lr: float = 1e-4
     eot_batch: int = 32
     eot_scenes: int = 2_000
@@ -134,16 +137,6 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.is_file() else None
-
-
 def _lr(step: int, total: int, peak: float, warmup: int, time_progress: float = 0.0) -> float:
     """Linear warm-up, then cosine decay to a tenth of ``peak``, over the steps or over the time left, whichever
     runs out first (so a run cut short by its budget still ends at a low rate)."""
@@ -159,7 +152,7 @@ def _lr(step: int, total: int, peak: float, warmup: int, time_progress: float = 
 def stage_vae(out: Path, s: RecipeSettings, parts, progress, deadline: float, record: dict) -> None:
     vae = parts["vae"]
     path = out / "vae.pt"
-    state = _load(path)
+    state = load(path)
     if state is not None:
         vae.load_state_dict(state["vae"])
         if state["step"] >= s.vae_steps:
@@ -169,8 +162,7 @@ def stage_vae(out: Path, s: RecipeSettings, parts, progress, deadline: float, re
     generator = torch.Generator().manual_seed(s.seed + 1)
     step, losses = 0, []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        restore(state, generator, optimizer=optimizer)
         step, losses = state["step"], state["losses"]
     vae.train()
     bar = progress(total=s.vae_steps, initial=step, desc="train VAE")
@@ -193,8 +185,7 @@ def stage_vae(out: Path, s: RecipeSettings, parts, progress, deadline: float, re
         bar.update(1)
         bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
         if step % s.checkpoint_every == 0 or step == s.vae_steps or time.time() > deadline:
-            _save(path, {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                         "generator": generator.get_state(), "step": step, "losses": losses})  # fmt: skip
+            save(path, {**snapshot(generator, vae=vae, optimizer=optimizer), "step": step, "losses": losses})
             if time.time() > deadline:
                 break
     bar.close()
@@ -209,7 +200,7 @@ def stage_vae(out: Path, s: RecipeSettings, parts, progress, deadline: float, re
 def stage_encode(out: Path, parts, progress) -> torch.Tensor:
     path = out / "data" / "latents.pt"
     vae = parts["vae"].eval()
-    state = _load(path)
+    state = load(path)
     if state is None:
         images = np.load(out / "data" / "images.npy", mmap_mode="r")
         latents = torch.empty(len(images), 4, SIZE // 8, SIZE // 8, dtype=torch.float16)
@@ -221,7 +212,7 @@ def stage_encode(out: Path, parts, progress) -> torch.Tensor:
         bar.close()
         scale = 1.0 / float(latents.float().std())
         state = {"latents": latents, "scale": scale}
-        _save(path, state)
+        save(path, state)
     vae.register_to_config(scaling_factor=state["scale"])
     return state["latents"].float() * state["scale"]
 
@@ -265,17 +256,13 @@ def stage_clip(out: Path, s: RecipeSettings, parts, progress, deadline: float, r
     rng = np.random.default_rng(s.seed + 5)
     step, losses, accuracy = 0, [], []
     path = out / "clip.pt"
-    state = _load(path)
+    state = load(path)
     if state is not None:
         text_encoder.load_state_dict(state["text_encoder"])
         if state["step"] >= s.clip_steps:
             return
-        tower.load_state_dict(state["tower"])
-        text_projection.load_state_dict(state["text_projection"])
+        restore(state, generator, rng, tower=tower, text_projection=text_projection, optimizer=optimizer)
         logit_scale.data.copy_(state["logit_scale"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        rng.bit_generator.state = state["rng"]
         step, losses, accuracy = state["step"], state["losses"], state["accuracy"]
     text_encoder.train()
     bar = progress(total=s.clip_steps, initial=step, desc="CLIP-train the text encoder")
@@ -308,10 +295,10 @@ def stage_clip(out: Path, s: RecipeSettings, parts, progress, deadline: float, r
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", acc=f"{np.mean(accuracy[-50:]):.2f}")
         if step % s.checkpoint_every == 0 or step == s.clip_steps:
-            _save(path, {"text_encoder": text_encoder.state_dict(), "tower": tower.state_dict(),
-                         "text_projection": text_projection.state_dict(), "logit_scale": logit_scale.detach(),
-                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                         "rng": rng.bit_generator.state, "step": step, "losses": losses, "accuracy": accuracy})  # fmt: skip
+            parts_state = snapshot(generator, rng, text_encoder=text_encoder, tower=tower,
+                                   text_projection=text_projection, optimizer=optimizer)  # fmt: skip
+            save(path, {**parts_state, "logit_scale": logit_scale.detach(), "step": step, "losses": losses,
+                        "accuracy": accuracy})  # fmt: skip
     bar.close()
     text_encoder.eval()
     record["clip"] = {"steps": step, "loss_curve": _curve(losses), "batch_accuracy_curve": _curve(accuracy)}
@@ -349,13 +336,9 @@ def stage_unet(out: Path, s: RecipeSettings, parts, latents: torch.Tensor, progr
     step, losses, probes = 0, [], []
     spent, budget = 0.0, max(1.0, deadline - time.time())  # this stage's seconds: used so far, available at its start
     path = out / "unet.pt"
-    state = _load(path)
+    state = load(path)
     if state is not None:
-        unet.load_state_dict(state["unet"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        rng.bit_generator.state = state["rng"]
+        restore(state, generator, rng, unet=unet, ema_unet=ema_unet, optimizer=optimizer)
         step, losses, probes = state["step"], state["losses"], state["probes"]
         # the stage's budget: the seconds it has run plus what the run has left (a changed --budget-hours counts)
         spent = state["seconds"]
@@ -363,10 +346,8 @@ def stage_unet(out: Path, s: RecipeSettings, parts, latents: torch.Tensor, progr
     resumed_at = time.time() - spent
 
     def checkpoint():
-        _save(path, {"unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(),
-                     "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                     "rng": rng.bit_generator.state, "step": step, "losses": losses, "probes": probes,
-                     "seconds": time.time() - resumed_at, "budget": budget})  # fmt: skip
+        save(path, {**snapshot(generator, rng, unet=unet, ema_unet=ema_unet, optimizer=optimizer), "step": step,
+                    "losses": losses, "probes": probes, "seconds": time.time() - resumed_at, "budget": budget})  # fmt: skip
 
     alphas = scheduler.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
@@ -536,11 +517,12 @@ def run(out: Path, settings: RecipeSettings, threads: int, argv: list[str], resu
     probe = make_probe(parts, settings.probe_scenes)
     stage_unet(out, settings, parts, latents, tqdm, deadline, record, probe, finish)
     save_clock()
-    taught = stage_eot(out, settings, parts, latents, tqdm, _save, _load)
+    taught = stage_focus(out, settings, parts, latents, tqdm)
     if taught is not None:
-        record["eot"] = {**taught, "weight": settings.eot_weight, "learning_rate": settings.eot_lr,
-                         "denoise": _curve(taught["denoise"]), "focus": _curve(taught["focus"]),
-                         "probe": {"step": taught["steps"], **probe(parts["unet"], parts["text_encoder"])}}  # fmt: skip
+        record["focus"] = {**taught, "eot_weight": settings.eot_weight, "group_weight": settings.group_weight,
+                           "learning_rate": settings.eot_lr,
+                           **{k: _curve(taught[k]) for k in ("denoise", "focus", "group")},
+                           "probe": {"step": taught["steps"], **probe(parts["unet"], parts["text_encoder"])}}  # fmt: skip
         save_clock()
     record.update(
         # the run folder by its name only: a record in the repository names no machine's paths
