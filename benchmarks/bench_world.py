@@ -5,8 +5,11 @@ that has learned something? A measurement script, not a test; results in benchma
    post-clustering) on held-out test scenes, scored against the ground-truth masks on the latent grid with the
    paper's Hungarian IoU / recall / precision (eqs. 18-20), beside the same pipeline on the world model's
    architecture with random weights, and the two low-level baselines (RGB k-means with k = objects + 1; saturation
-   threshold + connected components). Object IoU (each ground-truth object's matched IoU, 0 when unmatched) is
-   also given for all objects and for the objects that share their colour with another object of the scene.
+   threshold + connected components), and the same localization on perfect attention maps (each self-attention row
+   even over its cell's object or the background, the true foreground as the end-of-text map: what the clustering
+   makes of a model that sees objects perfectly). Object IoU (each ground-truth object's matched IoU, 0 when
+   unmatched) is also given for all objects and for the objects that share their colour with another object of the
+   scene.
 2. The end-of-text map's foreground ratio (mean over object cells / mean over the grid) for the empty prompt.
 3. Token learning (default schedule unless --steps) on the first --token-scenes test scenes: each learned token
    renders "a photo of {i}" --renders times (DDIM 50 steps, guidance 7.5) and the judge (world/judge.py) names the
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from concept_express.uce_core.attention import capture_attention
+from concept_express.uce_core.attention import AttentionMaps, capture_attention
 from concept_express.uce_core.backends.diffusers_backend import DiffusersBackend, info_from_pipeline
 from concept_express.uce_core.backends.loading import load_backend
 from concept_express.uce_core.concepts import Concepts
@@ -70,8 +73,28 @@ def localize_or_nothing(maps) -> Concepts | None:
         return None
 
 
+def oracle_maps(scene, truth: torch.Tensor) -> AttentionMaps:
+    """The maps a perfect model would give: each self-attention row spread evenly over its cell's region (its
+    object, or the background) with a small floor, and the true foreground as the end-of-text map."""
+    label = torch.zeros(truth.shape[1:], dtype=torch.long)
+    for k, mask in enumerate(truth, 1):
+        label[mask] = k
+    label = label.flatten()
+    rows = (label[:, None] == label[None, :]).float() + 1e-3
+    foreground = truth.any(dim=0).float()
+    return AttentionMaps(rows / rows.sum(dim=1, keepdim=True), foreground, tuple(truth.shape[1:]),
+                         torch.from_numpy(scene.image))  # fmt: skip
+
+
+def oracle_attention(scene, grid: tuple[int, int]) -> torch.Tensor:
+    """The default localization on ``oracle_maps``."""
+    truth = truth_on_grid(scene, grid)
+    concepts = localize_or_nothing(oracle_maps(scene, truth))
+    return concepts.masks if concepts is not None else torch.zeros((0, *grid), dtype=torch.bool)
+
+
 def localization(backends: dict, scenes: list) -> dict:
-    methods = list(backends) + ["kmeans-rgb", "saturation-cc"]
+    methods = list(backends) + ["kmeans-rgb", "saturation-cc", "oracle-attention"]
     rows = {m: [] for m in methods}
     objects = {m: [] for m in methods}
     shared = {m: [] for m in methods}
@@ -88,7 +111,8 @@ def localization(backends: dict, scenes: list) -> dict:
             per_object = object_ious(predicted, truth)
             objects[name].extend(per_object)
             shared[name].extend(per_object[share])
-        for name, method in (("kmeans-rgb", kmeans_rgb), ("saturation-cc", saturation_components)):
+        for name, method in (("kmeans-rgb", kmeans_rgb), ("saturation-cc", saturation_components),
+                             ("oracle-attention", oracle_attention)):  # fmt: skip
             predicted = method(scene, truth.shape[1:])
             rows[name].append(score(predicted, truth))
             per_object = object_ious(predicted, truth)

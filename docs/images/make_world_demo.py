@@ -1,6 +1,6 @@
 """Draws docs/images/world-demo.png, the README's picture of the demo: the demo scene, the ``concepts.png`` that
-``concept-express extract --demo`` writes, and two renders of "a photo of {i}" for each learned token, made with the
-README's own commands (on the CPU: a few minutes).
+``concept-express extract --demo`` writes, and two renders of "a photo of {i}" for each learned token, in rows of
+six pictures, made with the README's own commands (on the CPU: a few minutes).
 
     python docs/images/make_world_demo.py [--out demo-output]
 """
@@ -14,7 +14,7 @@ from PIL import Image
 
 from concept_express.uce_core.cli_options import DEMO_IMAGE
 
-TILE = 256
+TILE, COLUMNS = 256, 6
 
 
 def concept_count(folder: Path) -> int:
@@ -35,11 +35,13 @@ def main() -> None:
         subprocess.run([*command, "generate", "--concepts", str(out), "--prompt", f"a photo of {{{i}}}",
                         "--count", "2", "--out", str(renders)], check=True)  # fmt: skip
         tiles += [Image.open(p).convert("RGB") for p in sorted(renders.glob("*.png"))]
-    sheet = Image.new("RGB", (len(tiles) * (TILE + 4) - 4, TILE), "white")
+    columns, rows = min(COLUMNS, len(tiles)), -(-len(tiles) // COLUMNS)
+    sheet = Image.new("RGB", (columns * (TILE + 4) - 4, rows * (TILE + 4) - 4), "white")
     for k, tile in enumerate(tiles):
-        sheet.paste(tile.resize((TILE, TILE), Image.Resampling.LANCZOS), (k * (TILE + 4), 0))
+        row, column = divmod(k, COLUMNS)
+        sheet.paste(tile.resize((TILE, TILE), Image.Resampling.LANCZOS), (column * (TILE + 4), row * (TILE + 4)))
     target = Path(__file__).with_name("world-demo.png")
-    sheet.save(target, optimize=True)
+    sheet.quantize(colors=256).save(target, optimize=True)  # a palette keeps the repository small
     print(f"wrote {target}")
 
 
