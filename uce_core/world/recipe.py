@@ -27,8 +27,8 @@ Every ``--probe-every`` UNet steps the EMA model is measured on validation scene
 localization (``evaluation``): localization IoU / recall / precision and the end-of-text map's foreground ratio.
 When the time budget runs out the UNet stage stops early and the run goes on with what it has (the focus stage,
 then the export; the record says so); ``--resume --finish`` does the same at the last checkpoint, by hand.
-``--resume`` may change ``--budget-hours`` (and nothing else): the UNet stage then gets the seconds it has run plus what the new budget leaves, and its cosine decay
-stretches to the new end.
+``--resume`` may change ``--budget-hours`` (and nothing else): the UNet stage then gets the seconds it has run plus
+what the new budget leaves, and its cosine decay stretches to the new end.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class RecipeSettings:
     probe_every: int = 500
     probe_scenes: int = 24
     checkpoint_every: int = 200
-    eot_steps: int = 900  # the attention-focus stage (attention_focus.py); 0 skips it
+    eot_steps: int = 900  # the attention-focus stage (attention_focus.py; the eot_* settings are its); 0 skips it
     eot_weight: float = 0.1
     group_weight: float = 0.2
     eot_lr: float = 1e-4
