@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from .checkpoints import load, restore, save, snapshot
-from .scenes import SIZE, SPLITS, compose_caption, render_scene
+from .evaluation import cell_coverage
+from .scenes import SPLITS, compose_caption, render_scene
 
 PURE = 0.5  # a query cell joins the grouping term when one region covers at least half of it (the benchmark's
 # ground truth on the grid gives a cell to an object on the same rule: evaluation.truth_on_grid)
@@ -78,13 +79,10 @@ def regions_on_grid(seeds: list[int], grid: int) -> torch.Tensor:
     """(len(seeds), 6, grid * grid) fraction of each cell covered by each region: the background first, then the
     scene's objects (at most five; absent objects cover nothing)."""
     out = np.zeros((len(seeds), 6, grid * grid), dtype=np.float32)
-    cell = SIZE // grid
     for i, seed in enumerate(seeds):
         masks = render_scene(seed).masks.astype(np.float32)
-        labels = np.concatenate([1.0 - masks.sum(axis=0, keepdims=True), masks])
-        out[i, : len(labels)] = (
-            labels.reshape(len(labels), grid, cell, grid, cell).mean(axis=(2, 4)).reshape(len(labels), -1)
-        )
+        labels = np.concatenate([1.0 - masks.sum(axis=0, keepdims=True), masks])  # the masks do not overlap
+        out[i, : len(labels)] = cell_coverage(labels, (grid, grid)).reshape(len(labels), -1)
     return torch.from_numpy(out)
 
 

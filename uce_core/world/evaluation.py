@@ -22,11 +22,17 @@ from ..evaluate import LocalizationScore, kmeans, score_masks
 from .scenes import Scene
 
 
+def cell_coverage(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(M, H, W) pixel masks -> (M, h, w) share of each grid cell's pixels that each mask covers."""
+    m, size, _ = masks.shape
+    h, w = grid
+    return masks.reshape(m, h, size // h, w, size // w).mean(axis=(2, 4))
+
+
 def truth_on_grid(scene: Scene, grid: tuple[int, int]) -> torch.Tensor:
     """(M, h, w) bool: each object's cells (area fraction >= 0.5, each cell given to the object covering most)."""
-    m, size, _ = scene.masks.shape
-    h, w = grid
-    cover = scene.masks.reshape(m, h, size // h, w, size // w).mean(axis=(2, 4))
+    m = scene.masks.shape[0]
+    cover = cell_coverage(scene.masks, grid)
     best = cover.argmax(axis=0)
     owned = (np.arange(m)[:, None, None] == best[None]) & (cover >= 0.5)
     return torch.from_numpy(owned)
