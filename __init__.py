@@ -5,7 +5,7 @@ This folder is two things at once:
 * a ComfyUI node pack: ComfyUI imports this file by path from ``custom_nodes/<folder>`` and reads
   ``NODE_CLASS_MAPPINGS``; and
 * the Python package ``concept_express`` when pip-installed (``concept_express.uce_core`` is the method,
-  ``concept_express.kernels`` the tensor kernels, ``concept_express.nodes`` the ComfyUI nodes).
+  ``concept_express.uce_kernels`` the tensor kernels, ``concept_express.nodes`` the ComfyUI nodes).
 
 Importing it never requires ComfyUI: the node classes import ComfyUI lazily, inside the functions that run
 in a ComfyUI server.

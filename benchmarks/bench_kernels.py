@@ -125,7 +125,7 @@ def cpu_worker(variant: str, n: int, threads: int, out_path: str, source: str) -
     import torch
 
     torch.set_num_threads(threads)
-    from concept_express.kernels import sym_kl_first_neighbours, sym_kl_pruned
+    from concept_express.uce_kernels import sym_kl_first_neighbours, sym_kl_pruned
 
     make_rows = INPUTS[source]
     if variant == "oracle":

@@ -118,10 +118,10 @@ def _cpu_name() -> str:
 
 
 def _fingerprint(folder: Path) -> str:
-    """Hash of the package's Python sources (kernels, uce_core, nodes and the top level), to tell whether the
+    """Hash of the package's Python sources (uce_kernels, uce_core, nodes and the top level), to tell whether the
     installed package is this tree."""
     h = hashlib.sha1()
-    for sub in ("", "kernels", "uce_core", "uce_core/backends", "nodes"):
+    for sub in ("", "uce_kernels", "uce_core", "uce_core/backends", "nodes"):
         for path in sorted((folder / sub).glob("*.py")):
             h.update(f"{sub}/{path.name}".encode())
             h.update(path.read_bytes())
@@ -183,7 +183,7 @@ def float64_truth(x: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, tor
 def plain_torch(x, l, h, tf32: bool) -> torch.Tensor:
     """What plain torch code does (a cdist-style n x n matrix): one GEMM, the symmetric sum, argmin; from the same
     shifted logs the kernel gets."""
-    from concept_express.kernels._device import cuda_matmul_precision
+    from concept_express.uce_kernels._device import cuda_matmul_precision
 
     with cuda_matmul_precision(tf32=tf32):
         g = x @ l.T
@@ -193,9 +193,9 @@ def plain_torch(x, l, h, tf32: bool) -> torch.Tensor:
 
 
 def kernels(plan, emit) -> None:
-    from concept_express.kernels import sym_kl_first_neighbours, sym_kl_torch
-    from concept_express.kernels._dispatch import PRECISIONS
-    from concept_express.kernels.sym_kl_triton import default_config, first_neighbours_triton
+    from concept_express.uce_kernels import sym_kl_first_neighbours, sym_kl_torch
+    from concept_express.uce_kernels._dispatch import PRECISIONS
+    from concept_express.uce_kernels.sym_kl_triton import default_config, first_neighbours_triton
 
     device = torch.device(plan["device"])
     timer = Timer(device, plan["time_per_variant_s"], plan["min_reps"])
@@ -243,9 +243,9 @@ def kernels(plan, emit) -> None:
 def localization(plan, emit) -> None:
     """The whole stage, ``localize_concepts`` with the defaults (backend "auto": Triton where it passed its
     self-check) and with the torch path, on the synthetic scene of bench_localize.py; and the self-check's cost."""
-    from concept_express.kernels import _dispatch, _guard
     from concept_express.uce_core.localize import LocalizeSettings, localize_concepts
     from concept_express.uce_core.synthetic import SceneSpec, make_scene
+    from concept_express.uce_kernels import _dispatch, _guard
 
     if plan["force_triton"]:  # dry run: the interpreter stands in for the GPU, so that the guarded path runs
         _dispatch.auto_backend = lambda tensor: "triton"

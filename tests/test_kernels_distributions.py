@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from concept_express.kernels import FLOOR, prepare_distributions
+from concept_express.uce_kernels import FLOOR, prepare_distributions
 
 
 def test_floor_is_the_smallest_positive_fp16():

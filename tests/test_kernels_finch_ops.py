@@ -8,8 +8,8 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import connected_components as scipy_components
 
-from concept_express.kernels import cluster_means, connected_components, first_neighbour_clusters
-from concept_express.kernels.finch_ops import _component_roots
+from concept_express.uce_kernels import cluster_means, connected_components, first_neighbour_clusters
+from concept_express.uce_kernels.finch_ops import _component_roots
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,4 +1,4 @@
-"""The guarded Triton path (kernels/_guard.py, kernels/sym_kl_check.py) and the torch path as the CUDA fallback.
+"""The guarded Triton path (uce_kernels/_guard.py, uce_kernels/sym_kl_check.py) and the torch path as the CUDA fallback.
 
 backend="auto" runs Triton only on CUDA tensors; here ``_dispatch.auto_backend`` is replaced so that "auto" picks
 Triton for CPU tensors, where the kernel runs under the interpreter (TRITON_INTERPRET=1, conftest.py), fails to
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from concept_express.kernels import (
+from concept_express.uce_kernels import (
     _dispatch,
     _guard,
     prepare_distributions,
@@ -80,7 +80,7 @@ def test_check_problem_has_clear_answers_that_the_torch_path_finds(queries):
 
 # ------------------------------------------------------------------------------------------- auto mode, guarded
 def test_a_kernel_that_passes_its_check_is_used_and_checked_once(auto_picks_triton, monkeypatch):
-    from concept_express.kernels import sym_kl_triton
+    from concept_express.uce_kernels import sym_kl_triton
 
     calls = []
     real = sym_kl_triton.first_neighbours_triton
@@ -108,7 +108,7 @@ def wrong_in_the_last_tile(*args, **kwargs):
 
 
 def test_a_kernel_returning_wrong_indices_is_caught_and_the_torch_answer_given(auto_picks_triton, monkeypatch):
-    from concept_express.kernels import sym_kl_triton
+    from concept_express.uce_kernels import sym_kl_triton
 
     calls = []
     monkeypatch.setattr(
@@ -134,7 +134,7 @@ def test_a_kernel_returning_wrong_indices_is_caught_and_the_torch_answer_given(a
 
 @pytest.mark.parametrize("fault", ["out of range", "not excluding self"])
 def test_check_catches_indices_that_cannot_be_right(auto_picks_triton, monkeypatch, fault):
-    from concept_express.kernels import sym_kl_triton
+    from concept_express.uce_kernels import sym_kl_triton
 
     def double(a, *rest, **kw):
         if fault == "out of range":
@@ -150,7 +150,7 @@ def test_check_catches_indices_that_cannot_be_right(auto_picks_triton, monkeypat
 
 def test_an_error_after_a_passed_check_falls_back_too(auto_picks_triton, monkeypatch):
     """A launch that fails later (another size compiles another specialisation) also hands the device to torch."""
-    from concept_express.kernels import sym_kl_triton
+    from concept_express.uce_kernels import sym_kl_triton
 
     real = sym_kl_triton.first_neighbours_triton
 
@@ -171,7 +171,7 @@ def test_an_error_after_a_passed_check_falls_back_too(auto_picks_triton, monkeyp
 
 
 def test_out_of_memory_is_not_the_kernels_fault(auto_picks_triton, monkeypatch):
-    from concept_express.kernels import sym_kl_triton
+    from concept_express.uce_kernels import sym_kl_triton
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("simulated")
@@ -198,7 +198,7 @@ def test_without_interpreter_or_gpu_auto_falls_back_and_warns_once():
     """Triton cannot launch at all (TRITON_INTERPRET=0 and no GPU): the real error, caught by the check."""
     code = """
 import json, warnings, torch
-from concept_express.kernels import _dispatch, _guard, sym_kl_first_neighbours
+from concept_express.uce_kernels import _dispatch, _guard, sym_kl_first_neighbours
 _dispatch.auto_backend = lambda tensor: "triton"
 x = torch.rand(200, 48)
 with warnings.catch_warnings(record=True) as caught:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from concept_express.kernels import (
+from concept_express.uce_kernels import (
     _device,
     _dispatch,
     prepare_distributions,
@@ -27,7 +27,7 @@ from concept_express.kernels import (
     sym_kl_search,
     sym_kl_torch,
 )
-from concept_express.kernels.sym_kl_reference import reference_distance_matrix
+from concept_express.uce_kernels.sym_kl_reference import reference_distance_matrix
 
 TIE_RTOL = 1e-4
 # "torch" on a CPU tensor runs the default: the pruned search from MIN_ROWS rows on, the blocked search in numpy below;
@@ -267,8 +267,8 @@ def test_zeros_nans_and_infs_never_give_nan(backend):
 
 def test_triton_tile_config_with_several_k_steps_and_ragged_edges(monkeypatch):
     pytest.importorskip("triton")
-    from concept_express.kernels import sym_kl_triton as st
-    from concept_express.kernels.sym_kl_triton import TileConfig, first_neighbours_triton
+    from concept_express.uce_kernels import sym_kl_triton as st
+    from concept_express.uce_kernels.sym_kl_triton import TileConfig, first_neighbours_triton
 
     monkeypatch.setattr(st, "_working_config", {})
 
@@ -293,7 +293,7 @@ def test_triton_tile_config_with_several_k_steps_and_ragged_edges(monkeypatch):
 
 def test_triton_launcher_falls_back_to_a_smaller_tile_when_out_of_resources(monkeypatch):
     pytest.importorskip("triton")
-    from concept_express.kernels import sym_kl_triton as st
+    from concept_express.uce_kernels import sym_kl_triton as st
 
     big, small = st.TileConfig(128, 64, 4, 1), st.TileConfig(32, 32, 4, 1)
     launch = st._launch
@@ -506,11 +506,11 @@ def test_dense_distances_with_zeros_are_finite():
 
 # ----------------------------------------------------------------------------------------------------- dispatch
 def test_importing_the_package_does_not_import_triton():
-    code = "import sys, concept_express.kernels as k; assert 'triton' not in sys.modules; print('ok')"
+    code = "import sys, concept_express.uce_kernels as k; assert 'triton' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     code = (
-        "import sys, torch, concept_express.kernels as k; k.sym_kl_first_neighbours(torch.rand(8, 4)); "
+        "import sys, torch, concept_express.uce_kernels as k; k.sym_kl_first_neighbours(torch.rand(8, 4)); "
         "assert 'triton' not in sys.modules"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

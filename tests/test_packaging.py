@@ -19,7 +19,7 @@ def _run(*args, **kwargs):
 
 def test_imports_without_comfyui_and_exposes_node_mappings():
     code = (
-        "import sys, concept_express, concept_express.uce_core, concept_express.kernels, concept_express.nodes; "
+        "import sys, concept_express, concept_express.uce_core, concept_express.uce_kernels, concept_express.nodes; "
         "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules; "
         "assert isinstance(concept_express.NODE_CLASS_MAPPINGS, dict); print('ok')"
     )
@@ -28,8 +28,22 @@ def test_imports_without_comfyui_and_exposes_node_mappings():
     assert result.stdout.strip() == "ok"
 
 
+def test_no_folder_of_the_checkout_shadows_an_installed_package():
+    """`python ...` run in the checkout puts its folder first on sys.path, so a top-level package folder named like an
+    installed distribution's module hides it: transformers >= 5.25 requires `kernels` and, when our layer was called
+    kernels/, `import transformers` from the checkout loaded ours and diffusers failed to import."""
+    from importlib.metadata import packages_distributions
+
+    installed = packages_distributions()
+    ours = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert ours, ROOT
+    assert not {name: installed[name] for name in ours if name in installed}
+    result = _run("-c", "from transformers import PreTrainedModel; import diffusers.models; print('ok')", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_wheel_installs_one_package_with_its_data(tmp_path):
-    """A real wheel: everything under concept_express/ (no top-level nodes/kernels/uce_core), configs and the
+    """A real wheel: everything under concept_express/ (no top-level nodes/uce_kernels/uce_core), configs and the
     example image included, tests excluded."""
     import zipfile
 
@@ -51,7 +65,7 @@ def test_wheel_installs_one_package_with_its_data(tmp_path):
         "concept_express/uce_core/cli.py",
         "concept_express/uce_core/backends/configs/sdxl/unet/config.json",
         "concept_express/assets/example.png",
-        "concept_express/kernels/__init__.py",
+        "concept_express/uce_kernels/__init__.py",
     ):
         assert needed in names, needed
     assert not [n for n in names if n.startswith("concept_express/tests/")]

@@ -90,7 +90,7 @@ def test_comfy_cli_validates_the_pyproject(tmp_path):
 def test_the_package_ships_what_comfyui_needs_and_nothing_else(package):
     names = zipfile.ZipFile(package).namelist()
     top = {n.split("/")[0] for n in names}
-    assert {"__init__.py", "pyproject.toml", "requirements.txt", "nodes", "uce_core", "kernels", "workflows"} <= top
+    assert {"__init__.py", "pyproject.toml", "requirements.txt", "nodes", "uce_core", "uce_kernels", "workflows"} <= top
     assert not top & {"tests", "benchmarks", ".ci", ".github", "docs"}
     assert "assets/example.png" in names  # copied into ComfyUI's input folder for the templates
     assert not [n for n in names if n.startswith("assets/") and n != "assets/example.png"]

@@ -163,7 +163,7 @@ def concepts_from_masks(maps, masks: torch.Tensor, mode: str = "replace", found:
     ``mode`` "replace": the masks are the concepts, in the given order. "add": ``found`` (localization's result) plus
     the masks; a mask covering more than half of a found concept replaces it, at that concept's number (the first
     free one if it covers several; the others are removed), and a mask that replaces none is appended."""
-    from ..kernels import prepare_distributions
+    from ..uce_kernels import prepare_distributions
 
     if mode not in MASK_MODES:
         raise ConceptExpressError(f"mode must be one of {MASK_MODES}, got {mode!r}")
@@ -311,7 +311,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _rows_of(concepts: Concepts, what: str) -> torch.Tensor:
-    from ..kernels import prepare_distributions
+    from ..uce_kernels import prepare_distributions
 
     if concepts.attention is None:
         raise ConceptExpressError(

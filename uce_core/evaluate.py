@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..kernels import cluster_means
+from ..uce_kernels import cluster_means
 from .errors import ConceptExpressError
 from .finch import finch, finch_with_count
 from .localize import LocalizeSettings, localize_concepts, normalised_eot

@@ -11,7 +11,7 @@ exactly one cluster fewer than the level before is kept and ends it.
 distance exceeds delta or when its two regions do not touch (4-connectivity), touching being recomputed at every
 level from the merged regions. ``finch_with_count`` is FINCH's "required number of clusters" mode (a baseline).
 
-The maths (distances, first neighbours, components, means) lives in ``concept_express.kernels``; this module wires it.
+The maths (distances, first neighbours, components, means) lives in ``concept_express.uce_kernels``; this module wires it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import (
+from ..uce_kernels import (
     cluster_means,
     connected_components,
     first_neighbour_clusters,
@@ -34,7 +34,7 @@ from .regions import relabel, touching
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """How first neighbours are searched (passed to ``kernels.sym_kl_first_neighbours``)."""
+    """How first neighbours are searched (passed to ``uce_kernels.sym_kl_first_neighbours``)."""
 
     backend: str = "auto"  # "auto" | "triton" | "torch"
     precision: str = "ieee"  # Triton's dot precision: "ieee" | "tf32x3" | "tf32"
@@ -152,7 +152,7 @@ def _single(nodes: torch.Tensor) -> torch.Tensor:
 
 
 def finch(rows: torch.Tensor, kernel: KernelOptions = KernelOptions()) -> Hierarchy:
-    """The FINCH hierarchy of ``rows`` (m, d) (rows are made distributions by ``kernels.prepare_distributions``)."""
+    """The FINCH hierarchy of ``rows`` (m, d) (rows are made distributions by ``uce_kernels.prepare_distributions``)."""
     rows = prepare_distributions(rows)
 
     def partition(nodes, _):

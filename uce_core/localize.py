@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import cluster_means, prepare_distributions, sym_kl_distances
+from ..uce_kernels import cluster_means, prepare_distributions, sym_kl_distances
 from .attention import AttentionMaps
 from .concepts import Concepts
 from .errors import ConceptExpressError
@@ -43,7 +43,7 @@ class LocalizeSettings:
         mean attention row over all its cells (area-weighted), also used for the merging itself.
     min_area: concepts covering less than this fraction of the grid are handled by ``small`` (0 = off).
     small: "drop" them, or "merge" each into the touching concept nearest in symmetric KL (dropped if it touches none).
-    backend / precision / mode: the first-neighbour kernel (``kernels.sym_kl_first_neighbours``).
+    backend / precision / mode: the first-neighbour kernel (``uce_kernels.sym_kl_first_neighbours``).
     device: where to compute ("cpu", "cuda", ...); None = where the attention maps are.
     """
 

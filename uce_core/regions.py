@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import cluster_means
+from ..uce_kernels import cluster_means
 
 
 def masks_of(cell_labels: torch.Tensor, k: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -248,7 +248,7 @@ MUTANTS = [
     dict(
         id="kernel-pair-distance-without-half",
         kind="formula",
-        file="kernels/sym_kl_torch.py",
+        file="uce_kernels/sym_kl_torch.py",
         original="out[pairs] = (0.5 * terms.sum(",
         replacement="out[pairs] = (1.0 * terms.sum(",
         tests=["tests/test_kernels_sym_kl.py::test_pair_distances_match_the_oracle"],
@@ -257,7 +257,7 @@ MUTANTS = [
     dict(
         id="kernel-dense-distance-one-sided-kl",
         kind="formula",
-        file="kernels/sym_kl_torch.py",
+        file="uce_kernels/sym_kl_torch.py",
         original="cross = a64 @ lb.T + la @ b64.T",
         replacement="cross = 2 * (a64 @ lb.T)",
         tests=["tests/test_kernels_sym_kl.py::test_dense_distances_match_the_oracle"],
@@ -266,7 +266,7 @@ MUTANTS = [
     dict(
         id="kernel-cluster-means-by-mass",
         kind="formula",
-        file="kernels/finch_ops.py",
+        file="uce_kernels/finch_ops.py",
         original="return (sums / counts.unsqueeze(1)).float()",
         replacement="return (sums / sums.sum(dim=1, keepdim=True)).float()",
         tests=["tests/test_kernels_finch_ops.py::test_cluster_means_match_numpy"],
@@ -275,7 +275,7 @@ MUTANTS = [
     dict(
         id="kernel-component-labels-off-by-one",
         kind="rule",
-        file="kernels/finch_ops.py",
+        file="uce_kernels/finch_ops.py",
         original="return (torch.cumsum(is_root, dim=0) - 1)[parent]",
         replacement="return torch.cumsum(is_root, dim=0)[parent]",
         tests=["tests/test_kernels_finch_ops.py::test_label_order_rule_on_a_small_graph"],
@@ -284,7 +284,7 @@ MUTANTS = [
     dict(
         id="kernel-zero-rows-pass-unrepaired",
         kind="rule",
-        file="kernels/distributions.py",
+        file="uce_kernels/distributions.py",
         original="valid = (a.amin(dim=1) >= floor / (1.0 + d * floor))",
         replacement="valid = (a.amin(dim=1) >= 0.0)",
         tests=["tests/test_kernels_distributions.py::test_bad_entries_are_zeroed_clamped_and_rows_renormalised"],

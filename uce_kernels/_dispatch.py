@@ -1,6 +1,6 @@
 """Which implementation runs: Triton for CUDA tensors when triton imports, torch otherwise.
 
-triton is imported lazily, the first time a caller could use it, so that importing ``concept_express.kernels`` works
+triton is imported lazily, the first time a caller could use it, so that importing ``concept_express.uce_kernels`` works
 where there is no triton (Windows, macOS) and costs nothing where there is.
 """
 
@@ -33,7 +33,7 @@ def choose_backend(backend: str, tensor: torch.Tensor) -> str:
     """Resolve ``backend`` ("auto" | "triton" | "torch") for an op whose data lives on ``tensor.device``.
 
     "auto": ``auto_backend``. "triton" on CPU tensors only works under the Triton interpreter (TRITON_INTERPRET=1,
-    which ``concept_express.kernels`` sets when there is no CUDA).
+    which ``concept_express.uce_kernels`` sets when there is no CUDA).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
