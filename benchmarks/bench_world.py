@@ -201,7 +201,8 @@ def token_learning(backend, scenes: list, settings: TrainSettings, renders: int,
         truth += tally(judged(backend, gt_tokens, len(labels), judge, renders, scene.seed), labels)
         truth_total += renders * len(labels)
         log(f"  token scene {number}/{len(scenes)} (seed {scene.seed}, {len(labels)} objects, "
-            f"{0 if concepts is None else len(concepts)} concepts): {time.perf_counter() - start:.0f} s")  # fmt: skip
+            f"{0 if concepts is None else len(concepts)} concepts): {time.perf_counter() - start:.0f} s; so far ACC^1 "
+            f"found {found[0]}/{found_total}, true masks {truth[0]}/{truth_total}, random {chance[0]}/{found_total}")  # fmt: skip
     rate = lambda counts, total: [float(c) / max(1, total) for c in counts]  # noqa: E731
     found_rate, truth_rate, chance_rate = rate(found, found_total), rate(truth, truth_total), rate(chance, found_total)
     return {
