@@ -1,7 +1,8 @@
-"""The world recipe without training anything: its resume rules (a run folder refuses other settings, except a
+"""The world recipe without training a model: its resume rules (a run folder refuses other settings, except a
 changed time budget), the learning rate's schedule (warm-up, then cosine to a tenth over the steps or the time,
-whichever runs out first) and the attention-focus stage's two losses against their formulas, its recorder against
-diffusers' own attention, and its region maps against the scenes' masks."""
+whichever runs out first) and the attention-focus stage's two losses (mass and even) against their formulas, its
+switch from one to the other (three steps on the untrained architecture), its recorder against diffusers' own
+attention, and its region maps against the scenes' masks."""
 
 import json
 import math
@@ -108,6 +109,50 @@ def test_group_loss_against_its_formula():
     assert float(attention.grad[0, 3, 3]) < 0 == float(attention.grad[0, 3, 0])  # object 1's cell: more on itself
 
 
+def test_even_eot_focus_loss_against_its_formula():
+    """Cross-entropy from the foreground's uniform distribution to the normalised column, by plain loops."""
+    from concept_express.uce_core.world.attention_focus import eot_focus_loss
+
+    columns = torch.tensor([[1.0, 3.0, 0.5, 4.0], [2.0, 2.0, 2.0, 2.0], [5.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    foreground = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0] * 4, [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    terms = []
+    for b in (0, 2):  # sample 1 has no foreground: left out
+        total, weight = float(columns[b].sum()), float(foreground[b].sum())
+        terms.append(-sum(float(foreground[b, j]) / weight * math.log(float(columns[b, j]) / total) for j in range(4)))
+    assert float(eot_focus_loss(columns, foreground, even=True)) == pytest.approx(sum(terms) / 2, rel=1e-9)
+    # even differs from mass: all of sample 3's mass on one object cell is a perfect "mass" but a poor "even"
+    lopsided = torch.tensor([[0.0, 0.0, 1.0, 1e-6]], dtype=torch.float64)
+    spread = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    fg = foreground[2:]
+    assert float(eot_focus_loss(lopsided, fg)) < 1e-5
+    assert float(eot_focus_loss(lopsided, fg, even=True)) > float(eot_focus_loss(spread, fg, even=True)) + 1.0
+    assert float(eot_focus_loss(spread, fg, even=True)) == pytest.approx(math.log(2), rel=1e-9)  # its entropy
+
+
+def test_even_group_loss_against_its_formula():
+    """Cross-entropy from each pure cell's region, made a uniform distribution, to the cell's row, by plain loops."""
+    from concept_express.uce_core.world.attention_focus import PURE, group_loss
+
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.rand(2, 5, 5, generator=gen, dtype=torch.float64) + 0.05
+    rows /= rows.sum(dim=-1, keepdim=True)
+    regions = torch.zeros(2, 3, 5, dtype=torch.float64)
+    regions[0, 0] = torch.tensor([1.0, 0.8, 0.4, 0.0, 0.0])
+    regions[0, 1] = torch.tensor([0.0, 0.2, 0.3, 1.0, 0.0])
+    regions[0, 2] = torch.tensor([0.0, 0.0, 0.3, 0.0, 1.0])
+    regions[1, 0] = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
+    regions[1, 1] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0])
+    terms = []
+    for b in range(2):
+        for i in range(5):
+            own = max(range(3), key=lambda r: float(regions[b, r, i]))
+            if regions[b, own, i] >= PURE:
+                size = float(regions[b, own].sum())
+                terms.append(-sum(float(regions[b, own, j]) / size * math.log(float(rows[b, i, j])) for j in range(5)))
+    assert len(terms) == 9  # no region covers half of cell (0, 2)
+    assert float(group_loss(rows, regions, even=True)) == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+
+
 def test_focus_recorder_is_diffusers_attention():
     """The stage's recorder computes what diffusers' own processor does, and keeps the head-mean probabilities."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
@@ -148,3 +193,44 @@ def test_regions_on_grid_are_the_scene_masks_at_pixel_cells_and_cover_each_cell_
     assert torch.allclose(coarse.sum(dim=1), torch.ones(3, 64, dtype=torch.float64), atol=1e-6)
     block = pixels.double().view(3, 6, 8, SIZE // 8, 8, SIZE // 8).mean(dim=(3, 5)).flatten(2)
     assert torch.allclose(coarse, block, atol=1e-6)
+
+
+def test_focus_stage_asks_for_mass_then_for_even_attention(tmp_path, monkeypatch):
+    """Two steps of the stage on the world architecture (untrained): the losses are asked for mass before
+    ``eot_even_from`` and for even attention from it on, the curves and the checkpoint record every step."""
+    from concept_express.uce_core.world import attention_focus
+    from concept_express.uce_core.world.model import build_parts
+    from concept_express.uce_core.world.scenes import SPLITS, render_scene
+
+    asked = {"eot": [], "group": []}
+    for name, key in (("eot_focus_loss", "eot"), ("group_loss", "group")):
+        real = getattr(attention_focus, name)
+
+        def spy(values, targets, even=False, *, _real=real, _key=key):
+            asked[_key].append(even)
+            return _real(values, targets, even)
+
+        monkeypatch.setattr(attention_focus, name, spy)
+    settings = recipe.RecipeSettings(scenes=2, eot_steps=3, eot_even_from=1, eot_batch=2, eot_scenes=2)
+    (tmp_path / "data").mkdir()
+    objects = [[o.phrase() for o in render_scene(SPLITS["train"][i]).objects] for i in range(2)]
+    (tmp_path / "data" / "objects.json").write_text(json.dumps(objects))
+    vae, unet, text_encoder, tokenizer, scheduler = build_parts(0)
+    parts = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    latents = torch.randn(2, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    taught = attention_focus.stage_focus(tmp_path, settings, parts, latents, lambda **kw: _Bar())
+    assert asked["eot"] == [False, True, True]
+    assert len(asked["group"]) >= 3 and asked["group"][0] is False and set(asked["group"][-2:]) == {True}
+    assert taught["steps"] == 3 and len(taught["focus"]) == 3 == len(taught["group"])
+    assert torch.load(tmp_path / "focus.pt", weights_only=False)["step"] == 3
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass

@@ -19,7 +19,8 @@ Stages, each checkpointed in ``OUT/`` so that ``--resume`` continues where the r
 6. ``focus``: a short fine-tuning of the EMA UNet that teaches the two attention properties the method reads from
    a real Stable Diffusion model (``attention_focus``): end-of-text cross-attention on the objects (on this small
    model it fades as the UNet trains) and self-attention rows that stay on their own object (here they group
-   mostly by colour); then one more probe;
+   mostly by colour), asking first for mass on the target and then (``--eot-even-from``) for even attention over
+   it; then one more probe;
 7. ``export``: the EMA weights in float16 as a diffusers folder in ``OUT/model`` and ``OUT/model/record.json``
    (command, settings, steps, loss curves, probes, wall time, machine).
 
@@ -74,7 +75,8 @@ class RecipeSettings:
     probe_every: int = 500
     probe_scenes: int = 24
     checkpoint_every: int = 200
-    eot_steps: int = 900  # the attention-focus stage (attention_focus.py; the eot_* settings are its); 0 skips it
+    eot_steps: int = 1_200  # the attention-focus stage (attention_focus.py; the eot_* settings are its); 0 skips it
+    eot_even_from: int = 900  # its steps from here on ask for even attention on the target, not mass on it
     eot_weight: float = 0.1
     group_weight: float = 0.2
     eot_lr: float = 1e-4
@@ -520,7 +522,7 @@ def run(out: Path, settings: RecipeSettings, threads: int, argv: list[str], resu
     taught = stage_focus(out, settings, parts, latents, tqdm)
     if taught is not None:
         record["focus"] = {**taught, "eot_weight": settings.eot_weight, "group_weight": settings.group_weight,
-                           "learning_rate": settings.eot_lr,
+                           "learning_rate": settings.eot_lr, "even_from": settings.eot_even_from,
                            **{k: _curve(taught[k]) for k in ("denoise", "focus", "group")},
                            "probe": {"step": taught["steps"], **probe(parts["unet"], parts["text_encoder"])}}  # fmt: skip
         save_clock()
