@@ -4,12 +4,14 @@ whichever runs out first) and the attention-focus stage's two losses (mass and e
 switch from one to the other (three steps on the untrained architecture), its recorder against diffusers' own
 attention, and its region maps against the scenes' masks."""
 
+import functools
 import json
 import math
 from dataclasses import asdict
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from concept_express.uce_core.world import recipe
 
@@ -218,19 +220,9 @@ def test_focus_stage_asks_for_mass_then_for_even_attention(tmp_path, monkeypatch
     vae, unet, text_encoder, tokenizer, scheduler = build_parts(0)
     parts = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
     latents = torch.randn(2, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
-    taught = attention_focus.stage_focus(tmp_path, settings, parts, latents, lambda **kw: _Bar())
+    quiet = functools.partial(tqdm, disable=True)
+    taught = attention_focus.stage_focus(tmp_path, settings, parts, latents, quiet)
     assert asked["eot"] == [False, True, True]
     assert len(asked["group"]) >= 3 and asked["group"][0] is False and set(asked["group"][-2:]) == {True}
     assert taught["steps"] == 3 and len(taught["focus"]) == 3 == len(taught["group"])
     assert torch.load(tmp_path / "focus.pt", weights_only=False)["step"] == 3
-
-
-class _Bar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
