@@ -16,7 +16,9 @@ that has learned something? A measurement script, not a test; results in benchma
    (shape, colour) it sees most; ACC^1 = share of renders whose judged class is the class of the object the concept
    was matched to (a concept matched to no object counts as wrong). Beside it: the same with tokens trained on the
    ground-truth masks (the upper bound localization can reach), random token vectors (an empirical chance), and
-   1 / 30 (uniform chance); and each of these for the shape alone (chance 1 / 5) and the colour alone (1 / 6).
+   1 / 30 (uniform chance), and the objects named in the world's own words ("a photo of a red cube with blue
+   stripes", rendered and judged the same way: what the model draws when it is told in words); and each of these for
+   the shape alone (chance 1 / 5) and the colour alone (1 / 6).
 
     python benchmarks/bench_world.py                                   # everything (about 2 h on 2 CPU cores)
     python benchmarks/bench_world.py --token-scenes 0                  # localization and EOT only (minutes)
@@ -35,6 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from concept_express.uce_core.attention import AttentionMaps, capture_attention
+from concept_express.uce_core.backends.base import Prompt
 from concept_express.uce_core.backends.diffusers_backend import DiffusersBackend, info_from_pipeline
 from concept_express.uce_core.backends.loading import load_backend
 from concept_express.uce_core.concepts import Concepts
@@ -53,7 +56,7 @@ from concept_express.uce_core.world.evaluation import (
 )
 from concept_express.uce_core.world.judge import CLASSES, judge_labels, load_judge
 from concept_express.uce_core.world.model import random_world_pipeline
-from concept_express.uce_core.world.scenes import COLOURS, SHAPES, SPLITS, render_scene
+from concept_express.uce_core.world.scenes import COLOURS, SHAPES, SIZE, SPLITS, render_scene
 
 
 def object_ious(predicted: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
@@ -150,12 +153,30 @@ def truth_concepts(maps, truth: torch.Tensor) -> Concepts:
                     maps.image, {"source": "ground truth"})  # fmt: skip
 
 
+def named(judge, images) -> list[tuple[str, str]]:
+    """The judge's (shape, colour) for each PIL image."""
+    return judge_labels(judge, np.stack([np.asarray(im.convert("RGB")) for im in images]))
+
+
 def judged(backend, tokens, count: int, judge, renders: int, seed: int) -> list[list[tuple[str, str]]]:
     """Per concept 1..count, the judge's (shape, colour) for each of its ``renders`` renders of "a photo of {i}"."""
+    return [
+        named(judge, generate_images(backend, tokens, f"a photo of {{{i + 1}}}", seed=seed, count=renders))
+        for i in range(count)
+    ]
+
+
+def judged_words(backend, scene, judge, renders: int, seed: int) -> list[list[tuple[str, str]]]:
+    """Per object, the judge's (shape, colour) for each render of the object in the world's own words ("a photo of
+    a red cube with blue stripes"), sampled as ``generate_images`` samples: what the model draws from words."""
+    uncond = backend.encode_prompts([Prompt.text("")])
     out = []
-    for i in range(count):
-        images = generate_images(backend, tokens, f"a photo of {{{i + 1}}}", seed=seed, count=renders)
-        out.append(judge_labels(judge, np.stack([np.asarray(im.convert("RGB")) for im in images])))
+    for obj in scene.objects:
+        cond = backend.encode_prompts([Prompt.text(f"a photo of {obj.phrase()}")])
+        images = [backend.sample(cond, uncond, steps=50, guidance=7.5, width=SIZE, height=SIZE,
+                                 generator=torch.Generator(device="cpu").manual_seed(seed + k))
+                  for k in range(renders)]  # fmt: skip
+        out.append(named(judge, images))
     return out
 
 
@@ -171,9 +192,10 @@ def tally(names: list[list[tuple[str, str]]], wanted: list) -> np.ndarray:
 
 def token_learning(backend, scenes: list, settings: TrainSettings, renders: int, log) -> dict:
     """ACC^1 (shape and colour right) and, beside it, the shape alone and the colour alone, for tokens learned on
-    the found concepts, on the ground-truth masks, and for random vectors of the found tokens' norms."""
+    the found concepts, on the ground-truth masks, for random vectors of the found tokens' norms, and for the
+    objects named in words."""
     judge = load_judge()
-    found, truth, chance = np.zeros(3, dtype=int), np.zeros(3, dtype=int), np.zeros(3, dtype=int)
+    found, truth, chance, words = (np.zeros(3, dtype=int) for _ in range(4))
     found_total = truth_total = matched_concepts = 0
     for number, scene in enumerate(scenes, 1):
         start = time.perf_counter()
@@ -199,12 +221,15 @@ def token_learning(backend, scenes: list, settings: TrainSettings, renders: int,
             chance += tally(judged(backend, tokens, len(concepts), judge, renders, scene.seed), wanted)
         gt_tokens = train_concept_tokens(backend, truth_concepts(maps, ground), settings)
         truth += tally(judged(backend, gt_tokens, len(labels), judge, renders, scene.seed), labels)
+        words += tally(judged_words(backend, scene, judge, renders, scene.seed), labels)
         truth_total += renders * len(labels)
         log(f"  token scene {number}/{len(scenes)} (seed {scene.seed}, {len(labels)} objects, "
             f"{0 if concepts is None else len(concepts)} concepts): {time.perf_counter() - start:.0f} s; so far ACC^1 "
-            f"found {found[0]}/{found_total}, true masks {truth[0]}/{truth_total}, random {chance[0]}/{found_total}")  # fmt: skip
+            f"found {found[0]}/{found_total}, true masks {truth[0]}/{truth_total}, random {chance[0]}/{found_total}, "
+            f"words {words[0]}/{truth_total}")  # fmt: skip
     rate = lambda counts, total: [float(c) / max(1, total) for c in counts]  # noqa: E731
     found_rate, truth_rate, chance_rate = rate(found, found_total), rate(truth, truth_total), rate(chance, found_total)
+    words_rate = rate(words, truth_total)
     return {
         "scenes": len(scenes),
         "steps": settings.steps,
@@ -214,14 +239,17 @@ def token_learning(backend, scenes: list, settings: TrainSettings, renders: int,
         "concepts_matched_to_an_object": matched_concepts,
         "acc1_ground_truth_masks": truth_rate[0],
         "acc1_random_vectors": chance_rate[0],
+        "acc1_word_prompts": words_rate[0],
         "acc1_uniform_chance": 1 / len(CLASSES),
         "shape_found_concepts": found_rate[1],
         "shape_ground_truth_masks": truth_rate[1],
         "shape_random_vectors": chance_rate[1],
+        "shape_word_prompts": words_rate[1],
         "shape_uniform_chance": 1 / len(SHAPES),
         "colour_found_concepts": found_rate[2],
         "colour_ground_truth_masks": truth_rate[2],
         "colour_random_vectors": chance_rate[2],
+        "colour_word_prompts": words_rate[2],
         "colour_uniform_chance": 1 / len(COLOURS),
     }
 
@@ -272,11 +300,12 @@ def main() -> None:
         print(f"ACC^1 found concepts {t['acc1_found_concepts']:.3f} ({t['concepts_found']} concepts, "
               f"{t['concepts_matched_to_an_object']} matched to an object); ground-truth masks "
               f"{t['acc1_ground_truth_masks']:.3f}; random vectors {t['acc1_random_vectors']:.3f}; "
-              f"uniform chance {t['acc1_uniform_chance']:.3f}")  # fmt: skip
+              f"uniform chance {t['acc1_uniform_chance']:.3f}; the objects in words {t['acc1_word_prompts']:.3f}")  # fmt: skip
         for part in ("shape", "colour"):
             print(f"the {part} alone: found concepts {t[part + '_found_concepts']:.3f}; ground-truth masks "
                   f"{t[part + '_ground_truth_masks']:.3f}; random vectors {t[part + '_random_vectors']:.3f}; "
-                  f"uniform chance {t[part + '_uniform_chance']:.3f}")  # fmt: skip
+                  f"uniform chance {t[part + '_uniform_chance']:.3f}; the objects in words "
+                  f"{t[part + '_word_prompts']:.3f}")  # fmt: skip
     result["seconds"] = round(time.perf_counter() - started)
     print(f"\n{result['seconds']} s")
     if args.json:
